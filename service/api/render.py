@@ -1,0 +1,93 @@
+"""Pipeline results -> HTTP bodies: stage objects with base64 PNGs or float32 tensors, or one montage PNG."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from service import imaging
+from service.pipeline import PipelineResult, StageResult
+from service.schemas import (
+    ConvFilters,
+    FeaturemapsResponse,
+    FilterInfo,
+    InputInfo,
+    OutputOptions,
+    StageOutput,
+)
+
+
+def _stage_output(stage: StageResult, output: OutputOptions, value_range: float) -> StageOutput:
+    maps = stage.maps
+    c, h, w = stage.plan.shape
+    fields: dict[str, Any] = {
+        "index": stage.plan.index,
+        "op": stage.plan.op,
+        "shape": [c, h, w],
+        "channels": list(stage.plan.channels),
+        "min": float(maps.min()),
+        "max": float(maps.max()),
+    }
+    if output.format == "json":
+        fields["data"] = np.ascontiguousarray(maps.cpu().numpy())  # (C, H, W) float32, serialised exactly by orjson
+    else:
+        levels = imaging.to_levels(maps, output.scale, value_range)
+        fields["map_ranges"] = [[lo, hi] for lo, hi in zip(levels.lo, levels.hi, strict=True)]
+        fields["maps"] = [
+            base64.b64encode(imaging.encode_png(imaging.colorize(lv, output.colormap))).decode("ascii")
+            for lv in levels.levels
+        ]
+    return StageOutput.model_construct(**fields)
+
+
+def featuremaps_response(result: PipelineResult, output: OutputOptions, value_range: float) -> FeaturemapsResponse:
+    """The JSON response; `data` stays a numpy array until serialisation (see `json_response`)."""
+    c, h, w = result.input_shape
+    return FeaturemapsResponse.model_construct(
+        device=str(result.device),
+        input=InputInfo(height=h, width=w, channels=c),
+        filters=[
+            ConvFilters.model_construct(
+                stage=i, filters=[FilterInfo.model_construct(name=f.name, kernel=f.kernel.tolist()) for f in filters]
+            )
+            for i, filters in result.filters.items()
+        ],
+        stages=[_stage_output(s, output, value_range) for s in result.stages],
+    )
+
+
+def montage_response(result: PipelineResult, output: OutputOptions, value_range: float) -> Response:
+    rows = []
+    for stage in result.stages:
+        c, h, w = stage.plan.shape
+        levels = imaging.to_levels(stage.maps, output.scale, value_range)
+        rows.append(
+            imaging.MontageRow(
+                title=f"stage {stage.plan.index}: {stage.plan.op}  {c}x{h}x{w}",
+                maps=[
+                    (label, imaging.colorize(lv, output.colormap))
+                    for label, lv in zip(stage.plan.channels, levels.levels, strict=True)
+                ],
+            )
+        )
+    return Response(imaging.montage(rows), media_type="image/png")
+
+
+def _default(obj: object) -> object:
+    if isinstance(obj, BaseModel):
+        return {k: v for k, v in obj.__dict__.items() if v is not None}
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu().numpy()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def json_response(model: BaseModel, status_code: int = 200) -> Response:
+    """orjson straight from the model: numpy float32 arrays come out as their shortest exact decimals."""
+    body = orjson.dumps(model, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status_code=status_code, media_type="application/json")

@@ -1,0 +1,185 @@
+"""Images in and out: decode uploads to tensors, scale maps to 8-bit levels, encode PNGs, colormaps, montages.
+
+Decoding never trusts the file: the declared size is checked against the pixel limit before any pixel is
+decoded, and every decoder failure becomes an `ImageDecodeError`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from service.colormaps import LUTS
+from service.errors import ImageDecodeError, LimitExceededError, UnsupportedMediaError
+
+ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+Scale = Literal["per_map", "per_stage", "none"]
+
+# Our own pixel limit (checked from the header, before decoding) replaces Pillow's global one, whose
+# warning would otherwise fire from the decoder for large but allowed images.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes of a PNG, JPEG, BMP, GIF (first frame), WebP or TIFF -> a loaded, upright Pillow image."""
+    if not data:
+        raise ImageDecodeError("the image is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedMediaError(
+            "the upload is not an image in a supported format; send PNG, JPEG, BMP, GIF, WebP or TIFF"
+        ) from None
+    except Exception as e:  # any decoder failure on client bytes is the client's malformed file
+        raise ImageDecodeError(f"the image could not be read: {e}") from None
+    width, height = img.size
+    fmt = img.format or "image"
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"the {fmt} image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise LimitExceededError(
+            f"the {fmt} image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+        )
+    try:
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+    except Exception as e:
+        raise ImageDecodeError(f"the {fmt} image is corrupt or truncated: {e}") from None
+    return upright
+
+
+def image_to_tensor(
+    img: Image.Image, color: Literal["gray", "rgb"], normalize: Literal["unit", "none"]
+) -> torch.Tensor:
+    """A decoded image -> `(C, H, W)` float32: gray is ITU-R 601-2 luma (Pillow's `L`), rgb is R, G, B.
+
+    Values are 0..255, divided by 255 when `normalize` is "unit" (as the tutorial's `/255` and ToTensor do).
+    """
+    img = _to_8bit(img)
+    try:
+        arr = np.asarray(img.convert("L" if color == "gray" else "RGB"))
+    except (ValueError, OSError) as e:
+        raise UnsupportedMediaError(f"images in mode {img.mode} cannot be converted to {color}: {e}") from None
+    t = torch.from_numpy(arr.copy())
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
+    t = t.to(torch.float32)
+    return t / 255 if normalize == "unit" else t
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Pillow's own conversion clips 16-bit and float pixels; scale them to 0..255 instead."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.float64)
+        full = 65535.0 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(np.rint(wide * (255.0 / full)), 0, 255).astype(np.uint8))
+    if img.mode == "F":
+        flt = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.clip(np.rint(flt), 0, 255).astype(np.uint8))
+    return img
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Maps as 8-bit levels plus, per map, the values that level 0 and level 256 stand for."""
+
+    levels: np.ndarray  # (C, H, W) uint8
+    lo: list[float]
+    hi: list[float]
+
+
+def to_levels(maps: torch.Tensor, scale: Scale, value_range: float) -> Levels:
+    """`(C, H, W)` float32 -> 8-bit levels, computed on the maps' device so only bytes cross to the host.
+
+    Level = floor((v - lo) / (hi - lo) * 256) clipped to 0..255: matplotlib's `imshow` rule, so gray PNGs
+    match the tutorial's figures pixel for pixel. A value is recovered as lo + (level + 0.5) / 256 * (hi - lo).
+    `per_map` takes lo/hi from each map, `per_stage` from the whole stage, `none` uses 0..value_range.
+    A constant map (hi == lo) is all zeros.
+    """
+    c = maps.shape[0]
+    if scale == "per_map":
+        flat = maps.reshape(c, -1)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    elif scale == "per_stage":
+        lo, hi = maps.min().expand(c), maps.max().expand(c)
+    else:
+        lo = torch.zeros(c, dtype=maps.dtype, device=maps.device)
+        hi = torch.full((c,), value_range, dtype=maps.dtype, device=maps.device)
+    span = (hi - lo)[:, None, None]
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    x = torch.where(span > 0, (maps - lo[:, None, None]) / safe, torch.zeros_like(maps))
+    levels = (x * 256).floor_().clamp_(0, 255).to(torch.uint8)
+    return Levels(levels.cpu().numpy(), lo.cpu().tolist(), hi.cpu().tolist())
+
+
+def colorize(levels: np.ndarray, colormap: str) -> np.ndarray:
+    """`(H, W)` uint8 levels -> `(H, W)` gray or `(H, W, 3)` RGB uint8."""
+    return levels if colormap == "gray" else LUTS[colormap][levels]
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """`(H, W)` or `(H, W, 3)` uint8 -> PNG bytes (fast zlib level: maps are small and sent once)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class MontageRow:
+    title: str
+    maps: Sequence[tuple[str, np.ndarray]]  # (caption, (H, W) or (H, W, 3) uint8)
+
+
+_COLUMNS = 8
+_PAD = 8
+_CAPTION = 18
+_TITLE = 26
+MAX_MONTAGE_MAPS = 512
+
+
+def montage(rows: Sequence[MontageRow], max_maps: int = MAX_MONTAGE_MAPS) -> bytes:
+    """A labelled grid, one block per stage: the picture the tutorial draws with `imshow(cmap='gray')`."""
+    count = sum(len(r.maps) for r in rows)
+    if count > max_maps:
+        raise LimitExceededError(
+            f"a montage shows at most {max_maps} maps and this one has {count}; ask for fewer stages or for JSON"
+        )
+    largest = max((max(m.shape[:2]) for r in rows for _, m in r.maps), default=1)
+    cell = min(320, max(160, largest))
+    cols = min(_COLUMNS, max((len(r.maps) for r in rows), default=1))
+    width = _PAD + cols * (cell + _PAD)
+    heights = [_TITLE + math.ceil(len(r.maps) / cols) * (cell + _CAPTION + _PAD) for r in rows]
+    canvas = Image.new("RGB", (width, _PAD + sum(heights)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=14)
+    y = _PAD
+    for row, height in zip(rows, heights, strict=True):
+        draw.text((_PAD, y + 4), row.title, fill="black", font=font)
+        for k, (caption, pixels) in enumerate(row.maps):
+            r, c = divmod(k, cols)
+            x0 = _PAD + c * (cell + _PAD)
+            y0 = y + _TITLE + r * (cell + _CAPTION + _PAD)
+            tile = _fit(Image.fromarray(pixels).convert("RGB"), cell)
+            canvas.paste(tile, (x0 + (cell - tile.width) // 2, y0 + (cell - tile.height) // 2))
+            draw.text((x0, y0 + cell + 2), caption, fill="black", font=font)
+        y += height
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _fit(tile: Image.Image, cell: int) -> Image.Image:
+    """Scale to fit `cell`: whole-number nearest-neighbour enlargement keeps pixels crisp; shrinking averages."""
+    side = max(tile.width, tile.height)
+    if side <= cell:
+        k = cell // side
+        return tile.resize((tile.width * k, tile.height * k), Image.Resampling.NEAREST) if k > 1 else tile
+    ratio = cell / side
+    size = (max(1, round(tile.width * ratio)), max(1, round(tile.height * ratio)))
+    return tile.resize(size, Image.Resampling.BOX)

@@ -1,0 +1,212 @@
+"""The ASGI app: `create_app(settings)` builds it, the lifespan warms torch up, and every error leaves as
+RFC 9457 problem+json from the one mapping below. `app` is what `uvicorn service.main:app` serves."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from service import __version__
+from service.api import featuremaps, filters, health
+from service.api.problems import PROBLEM_JSON
+from service.config import Settings
+from service.errors import (
+    DeviceUnavailableError,
+    FeatureMapError,
+    ImageDecodeError,
+    LimitExceededError,
+    Loc,
+    PipelineSpecError,
+    UnknownModelError,
+    UnsupportedMediaError,
+    format_loc,
+)
+from service.middleware import BodyLimitMiddleware
+from service.readiness import Readiness, warm_up
+from service.schemas import FeaturemapsJSONRequest
+
+log = logging.getLogger("service")
+
+# Domain error -> (status, problem type slug, title). Order matters: subclasses before their bases.
+PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str], ...] = (
+    (UnsupportedMediaError, 415, "unsupported-media-type", "Unsupported media type"),
+    (ImageDecodeError, 422, "invalid-image", "Invalid image"),
+    (PipelineSpecError, 422, "invalid-spec", "Invalid pipeline spec"),
+    (LimitExceededError, 413, "limit-exceeded", "Limit exceeded"),
+    (UnknownModelError, 404, "unknown-model", "Unknown model"),
+    (DeviceUnavailableError, 422, "device-unavailable", "Device unavailable"),
+)
+
+DESCRIPTION = """Shows what a convolutional network sees: post an image and a pipeline of filters, activations and
+pooling; get every stage's feature maps back as PNGs or exact float32 tensors.
+
+Errors are RFC 9457 `application/problem+json` bodies; `errors` points at each offending field."""
+
+
+def problem(
+    status: int,
+    detail: str,
+    request: Request,
+    slug: str | None = None,
+    title: str | None = None,
+    errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"/problems/{slug}" if slug else "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
+    if errors:
+        body["errors"] = errors
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _field_error(loc: Loc, detail: str) -> dict[str, str]:
+    return {
+        "field": format_loc(loc),
+        "pointer": "#" + "".join(f"/{p}" for p in loc),
+        "detail": detail,
+    }
+
+
+# Pydantic puts union tags and member type names into `loc`; clients want the field path only.
+_UNION_TAGS = {"preset", "inline", "bank", "list", "conv", "activation", "leaky_relu", "pool"}
+_TYPE_LABEL = re.compile(r"^(int|float|str|bool|none|constrained-\w+|function-\w+|[\w-]+\[.*\])$")
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> Loc:
+    out: list[str | int] = []
+    for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or _TYPE_LABEL.match(part)):
+            continue
+        out.append(part)
+    if out and out[0] == "body":
+        out = out[1:]
+    return tuple(out)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """The one place where errors become HTTP responses."""
+
+    @app.exception_handler(FeatureMapError)
+    async def domain_error(request: Request, exc: Exception) -> Response:
+        status, slug, title = next(
+            ((status, slug, title) for cls, status, slug, title in PROBLEM_TYPES if isinstance(exc, cls)),
+            (400, "bad-request", "Bad request"),
+        )
+        errors = None
+        extra: dict[str, Any] = {}
+        if isinstance(exc, PipelineSpecError):
+            errors = [_field_error(i.loc, i.msg) for i in exc.issues]
+        elif isinstance(exc, LimitExceededError) and exc.loc:
+            errors = [_field_error(exc.loc, str(exc))]
+        elif isinstance(exc, DeviceUnavailableError):
+            errors = [_field_error(("device",), str(exc))]
+            extra["available_devices"] = list(exc.available)
+        return problem(status, str(exc), request, slug, title, errors, **extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        merged: dict[Loc, list[str]] = {}
+        for err in exc.errors():
+            msgs = merged.setdefault(_clean_loc(tuple(err.get("loc", ()))), [])
+            if err["msg"] not in msgs:
+                msgs.append(err["msg"])
+        errors = [_field_error(loc, "; or ".join(msgs)) for loc, msgs in merged.items()]
+        first = errors[0] if errors else {"field": "", "detail": "invalid request"}
+        where = f"{first['field']}: " if first["field"] else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return problem(422, f"{where}{first['detail']}{more}", request, "invalid-request", "Invalid request", errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        phrase = HTTPStatus(exc.status_code).phrase
+        detail = (
+            exc.detail
+            if isinstance(exc.detail, str) and exc.detail != phrase
+            else _HTTP_DETAIL.get(exc.status_code, phrase)
+        )
+        if exc.status_code == 404:
+            detail = f"no route {request.method} {request.url.path}; see /docs"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return problem(exc.status_code, detail, request, headers=dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return problem(500, "an unexpected error occurred; it has been logged", request)
+
+
+_HTTP_DETAIL = {400: "the request could not be parsed"}
+
+
+def _unique_id(route: APIRoute) -> str:
+    return route.name
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app around `settings` (read from FEATUREMAP_* variables when not given)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        readiness = Readiness()
+        if settings.warmup:
+            threading.Thread(target=warm_up, args=(readiness,), name="warm-up", daemon=True).start()
+        else:
+            readiness.mark_ready()
+        yield {"settings": settings, "readiness": readiness}
+        readiness.mark_stopping()
+
+    app = FastAPI(
+        title="Feature Map Service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=_unique_id,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_problem_handlers(app)
+    for module in (health, filters, featuremaps):
+        app.include_router(module.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            # Request bodies parsed by hand (multipart or JSON on one route) still get their models published.
+            _, extra = models_json_schema(
+                [(FeaturemapsJSONRequest, "validation")], ref_template="#/components/schemas/{model}"
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(extra.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+app = create_app()

@@ -1,0 +1,295 @@
+"""HTTP request and response models (pydantic) and their conversion to the core's dataclasses.
+
+Stages are a discriminated union on `op`. Models reject unknown fields, so a typo is a 422, not a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag
+
+from service import pipeline
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+KERNEL_EXAMPLE: JsonValue = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]
+
+
+class InlineFilter(BaseModel):
+    """A kernel given as numbers: `kH x kW` (filters each channel) or `C x kH x kW` (sums over channels)."""
+
+    model_config = ConfigDict(
+        **_STRICT, json_schema_extra={"examples": [{"name": "my_sobel", "kernel": KERNEL_EXAMPLE}]}
+    )
+
+    name: str | None = Field(None, max_length=64, description="Label for the maps; defaults to custom_N.")
+    kernel: list[Any] = Field(
+        description="Nested list of numbers, 2-D `[kH][kW]` or 3-D `[C][kH][kW]`; finite; sides up to the limit.",
+        json_schema_extra={"items": {"type": "array"}},
+    )
+
+
+def _filter_ref_tag(value: Any) -> str:
+    return "preset" if isinstance(value, str) else "inline"
+
+
+FilterRef = Annotated[
+    Annotated[str, Tag("preset")] | Annotated[InlineFilter, Tag("inline")],
+    Discriminator(_filter_ref_tag),
+]
+
+
+def _filters_tag(value: Any) -> str:
+    return "bank" if isinstance(value, str) else "list"
+
+
+class ConvLayer(BaseModel):
+    """Cross-correlation (as `torch.nn.Conv2d` and OpenCV `filter2D`) with preset or inline kernels."""
+
+    model_config = _STRICT
+
+    op: Literal["conv"]
+    filters: Annotated[
+        Annotated[str, Tag("bank")] | Annotated[list[FilterRef], Tag("list")],
+        Discriminator(_filters_tag),
+    ] = Field(
+        description="A bank or preset name (`seed4`), or a list of preset names and `{name, kernel}` objects.",
+        examples=["seed4", ["sobel_x", "sobel_y"], [{"name": "edge", "kernel": KERNEL_EXAMPLE}]],
+    )
+    stride: int = Field(1, ge=1, le=1024)
+    padding: Literal["valid", "same"] | Annotated[int, Field(ge=0, le=1024)] = Field(
+        "valid", description="`valid` (none), `same` (anchored at the kernel centre, as filter2D), or pixels."
+    )
+    padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = Field(
+        "zeros", description="`reflect` is OpenCV's BORDER_REFLECT_101 (filter2D's default border)."
+    )
+    bias: float | list[float] | None = Field(
+        None, description="Added to each filter's maps: one number for all, or one per filter."
+    )
+
+
+class ActivationLayer(BaseModel):
+    """An element-wise activation."""
+
+    model_config = _STRICT
+
+    op: Literal["relu", "sigmoid", "tanh", "abs"]
+
+
+class LeakyReluLayer(BaseModel):
+    model_config = _STRICT
+
+    op: Literal["leaky_relu"]
+    negative_slope: float = Field(0.01, ge=-1e6, le=1e6)
+
+
+class PoolLayer(BaseModel):
+    """Max or average pooling, floor mode; stride defaults to size."""
+
+    model_config = _STRICT
+
+    op: Literal["pool"]
+    mode: Literal["max", "avg"] = "max"
+    size: int = Field(2, ge=1, le=4096)
+    stride: int | None = Field(None, ge=1, le=4096)
+
+
+def _layer_tag(value: Any) -> str | None:
+    op = value.get("op") if isinstance(value, dict) else getattr(value, "op", None)
+    if op in ("relu", "sigmoid", "tanh", "abs"):
+        return "activation"
+    return op if isinstance(op, str) else None
+
+
+LayerSchema = Annotated[
+    Annotated[ConvLayer, Tag("conv")]
+    | Annotated[ActivationLayer, Tag("activation")]
+    | Annotated[LeakyReluLayer, Tag("leaky_relu")]
+    | Annotated[PoolLayer, Tag("pool")],
+    Discriminator(
+        _layer_tag,
+        custom_error_type="invalid_op",
+        custom_error_message="op must be one of conv, relu, leaky_relu, sigmoid, tanh, abs, pool",
+    ),
+]
+
+DEFAULT_LAYERS: list[JsonValue] = [
+    {"op": "conv", "filters": "seed4"},
+    {"op": "relu"},
+    {"op": "pool", "mode": "max", "size": 2},
+]
+
+
+class OutputOptions(BaseModel):
+    model_config = _STRICT
+
+    format: Literal["png", "json"] = Field("png", description="`png`: 8-bit PNG per map; `json`: exact float32.")
+    stages: Literal["all"] | list[Annotated[int, Field(ge=0)]] = Field(
+        "all", description="`all`, or the indices (into `layers`) of the stages to return, in that order."
+    )
+    scale: Literal["per_map", "per_stage", "none"] = Field(
+        "per_map",
+        description="PNG level range: each map's min..max, the stage's min..max, or the input's 0..1 (0..255).",
+    )
+    colormap: Literal["gray", "viridis", "magma", "inferno", "plasma", "coolwarm"] = "gray"
+
+
+def _default_layers() -> list[ConvLayer | ActivationLayer | LeakyReluLayer | PoolLayer]:
+    return [ConvLayer(op="conv", filters="seed4"), ActivationLayer(op="relu"), PoolLayer(op="pool", mode="max", size=2)]
+
+
+class FeaturemapsSpec(BaseModel):
+    """What to run. Every field is optional; the defaults reproduce the tutorial's notebook."""
+
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={
+            "examples": [
+                {"layers": DEFAULT_LAYERS},
+                {
+                    "color": "rgb",
+                    "layers": [
+                        {"op": "conv", "filters": ["sobel_x", "sobel_y"], "padding": "same", "padding_mode": "reflect"},
+                        {"op": "relu"},
+                    ],
+                    "output": {"format": "png", "colormap": "viridis"},
+                },
+            ]
+        },
+    )
+
+    color: Literal["gray", "rgb"] = Field("gray", description="`gray`: ITU-R 601-2 luma; `rgb`: channels R, G, B.")
+    normalize: Literal["unit", "none"] = Field("unit", description="`unit` divides pixels by 255; `none` keeps 0..255.")
+    layers: list[LayerSchema] = Field(
+        default_factory=lambda: _default_layers(),
+        min_length=1,
+        description="Stages, run in order. Default: conv(seed4) -> relu -> max pool 2.",
+        json_schema_extra={"default": DEFAULT_LAYERS},
+    )
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$", description="`auto` uses CUDA when present.")
+
+    def to_pipeline_spec(self) -> pipeline.PipelineSpec:
+        """The core's spec; preset names and kernels are resolved here (PipelineSpecError on a bad one)."""
+        return pipeline.PipelineSpec(
+            color=self.color,
+            normalize=self.normalize,
+            layers=tuple(_to_layer(layer, i) for i, layer in enumerate(self.layers)),
+        )
+
+
+def _to_layer(layer: Any, i: int) -> pipeline.Layer:
+    if isinstance(layer, ConvLayer):
+        refs: str | list[str | tuple[str | None, object]] = (
+            layer.filters
+            if isinstance(layer.filters, str)
+            else [f if isinstance(f, str) else (f.name, f.kernel) for f in layer.filters]
+        )
+        filters = pipeline.resolve_filters(refs, ("layers", i, "filters"))
+        bias = layer.bias
+        return pipeline.Conv(
+            filters=filters,
+            stride=layer.stride,
+            padding=layer.padding,
+            padding_mode=layer.padding_mode,
+            bias=(bias,) * len(filters) if isinstance(bias, float | int) else None if bias is None else tuple(bias),
+        )
+    if isinstance(layer, PoolLayer):
+        return pipeline.Pool(mode=layer.mode, size=layer.size, stride=layer.stride)
+    if isinstance(layer, LeakyReluLayer):
+        return pipeline.Activation("leaky_relu", layer.negative_slope)
+    assert isinstance(layer, ActivationLayer)
+    return pipeline.Activation(layer.op)
+
+
+class FeaturemapsJSONRequest(FeaturemapsSpec):
+    """`application/json` form of the request: the spec's fields plus the image as base64."""
+
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={"examples": [{"image": "<base64 of dog.jpg>", "layers": DEFAULT_LAYERS}]},
+    )
+
+    image: str = Field(
+        description="The image file's bytes as base64 (a `data:image/...;base64,` URL also works).",
+        min_length=1,
+    )
+
+
+class InputInfo(BaseModel):
+    height: int
+    width: int
+    channels: int
+
+
+class FilterInfo(BaseModel):
+    name: str
+    kernel: list[Any] = Field(description="The kernel as applied: `[kH][kW]` or `[C][kH][kW]`.")
+
+
+class ConvFilters(BaseModel):
+    stage: int = Field(description="Index of the conv stage in `layers`.")
+    filters: list[FilterInfo]
+
+
+class StageOutput(BaseModel):
+    index: int = Field(description="Index of the stage in `layers`.")
+    op: str
+    shape: list[int] = Field(description="`[C, H, W]`.")
+    channels: list[str] = Field(
+        description="One label per map, e.g. `seed_1`, or `sobel_x(R)` for a 2-D kernel on channel R."
+    )
+    min: float = Field(description="Smallest value in the stage.")
+    max: float = Field(description="Largest value in the stage.")
+    map_ranges: list[list[float]] | None = Field(
+        None,
+        description="PNG only: per map `[lo, hi]`; level L stands for lo + (L + 0.5) / 256 * (hi - lo).",
+    )
+    maps: list[str] | None = Field(None, description="PNG only: one base64 PNG per channel.")
+    data: list[Any] | None = Field(None, description="JSON only: float32 values `[C][H][W]`.")
+
+
+class FeaturemapsResponse(BaseModel):
+    device: str = Field(examples=["cpu"])
+    input: InputInfo
+    filters: list[ConvFilters]
+    stages: list[StageOutput]
+
+
+class FilterPreset(BaseModel):
+    name: str
+    kernel: list[list[float]]
+    description: str
+
+
+class FilterBank(BaseModel):
+    name: str
+    filters: list[str]
+    description: str
+
+
+class FiltersResponse(BaseModel):
+    filters: list[FilterPreset]
+    banks: list[FilterBank]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "starting", "stopping"] = Field(examples=["ok"])
+
+
+class ProblemFieldError(BaseModel):
+    field: str = Field(examples=["layers[0].filters[1].kernel"])
+    pointer: str = Field(examples=["#/layers/0/filters/1/kernel"])
+    detail: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = Field(examples=["/problems/invalid-spec"])
+    title: str = Field(examples=["Invalid pipeline spec"])
+    status: int = Field(examples=[422])
+    detail: str
+    instance: str | None = None
+    errors: list[ProblemFieldError] | None = None
