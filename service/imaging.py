@@ -38,7 +38,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             "the upload is not an image in a supported format; send PNG, JPEG, BMP, GIF, WebP or TIFF"
         ) from None
     except Exception as e:  # any decoder failure on client bytes is the client's malformed file
-        raise ImageDecodeError(f"the image could not be read: {e}") from None
+        raise ImageDecodeError(f"the image is corrupt or truncated: {e}") from None
     width, height = img.size
     fmt = img.format or "image"
     if width < 1 or height < 1:

@@ -37,7 +37,7 @@ from service.errors import (
 )
 from service.middleware import BodyLimitMiddleware
 from service.readiness import Readiness, warm_up
-from service.schemas import FeaturemapsJSONRequest
+from service.schemas import UNION_TAGS, FeaturemapsJSONRequest
 
 log = logging.getLogger("service")
 
@@ -89,14 +89,13 @@ def _field_error(loc: Loc, detail: str) -> dict[str, str]:
 
 
 # Pydantic puts union tags and member type names into `loc`; clients want the field path only.
-_UNION_TAGS = {"preset", "inline", "bank", "list", "conv", "activation", "leaky_relu", "pool"}
 _TYPE_LABEL = re.compile(r"^(int|float|str|bool|none|constrained-\w+|function-\w+|[\w-]+\[.*\])$")
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> Loc:
     out: list[str | int] = []
     for part in loc:
-        if isinstance(part, str) and (part in _UNION_TAGS or _TYPE_LABEL.match(part)):
+        if isinstance(part, str) and (part in UNION_TAGS or _TYPE_LABEL.match(part)):
             continue
         out.append(part)
     if out and out[0] == "body":

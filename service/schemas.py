@@ -30,18 +30,24 @@ class InlineFilter(BaseModel):
     )
 
 
-def _filter_ref_tag(value: Any) -> str:
-    return "preset" if isinstance(value, str) else "inline"
+def _tag_by_type(value: Any) -> str:
+    """Union tag from the JSON type, so a client sees the error of the branch it meant, not of every branch."""
+    if isinstance(value, str):
+        return "name"
+    if isinstance(value, list):
+        return "items"
+    if isinstance(value, dict):
+        return "object"
+    return "number"
 
+
+# Tags pydantic puts into error locations; the error handler drops them from field paths.
+UNION_TAGS = frozenset({"name", "items", "object", "number", "conv", "activation", "leaky_relu", "pool"})
 
 FilterRef = Annotated[
-    Annotated[str, Tag("preset")] | Annotated[InlineFilter, Tag("inline")],
-    Discriminator(_filter_ref_tag),
+    Annotated[str, Tag("name")] | Annotated[InlineFilter, Tag("object")],
+    Discriminator(_tag_by_type),
 ]
-
-
-def _filters_tag(value: Any) -> str:
-    return "bank" if isinstance(value, str) else "list"
 
 
 class ConvLayer(BaseModel):
@@ -51,22 +57,27 @@ class ConvLayer(BaseModel):
 
     op: Literal["conv"]
     filters: Annotated[
-        Annotated[str, Tag("bank")] | Annotated[list[FilterRef], Tag("list")],
-        Discriminator(_filters_tag),
+        Annotated[str, Tag("name")] | Annotated[list[FilterRef], Tag("items")],
+        Discriminator(_tag_by_type),
     ] = Field(
         description="A bank or preset name (`seed4`), or a list of preset names and `{name, kernel}` objects.",
         examples=["seed4", ["sobel_x", "sobel_y"], [{"name": "edge", "kernel": KERNEL_EXAMPLE}]],
     )
     stride: int = Field(1, ge=1, le=1024)
-    padding: Literal["valid", "same"] | Annotated[int, Field(ge=0, le=1024)] = Field(
-        "valid", description="`valid` (none), `same` (anchored at the kernel centre, as filter2D), or pixels."
-    )
+    padding: Annotated[
+        Annotated[Literal["valid", "same"], Tag("name")] | Annotated[int, Field(ge=0, le=1024), Tag("number")],
+        Discriminator(_tag_by_type),
+    ] = Field("valid", description="`valid` (none), `same` (anchored at the kernel centre, as filter2D), or pixels.")
     padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = Field(
         "zeros", description="`reflect` is OpenCV's BORDER_REFLECT_101 (filter2D's default border)."
     )
-    bias: float | list[float] | None = Field(
-        None, description="Added to each filter's maps: one number for all, or one per filter."
-    )
+    bias: (
+        Annotated[
+            Annotated[float, Tag("number")] | Annotated[list[float], Tag("items")],
+            Discriminator(_tag_by_type),
+        ]
+        | None
+    ) = Field(None, description="Added to each filter's maps: one number for all, or one per filter.")
 
 
 class ActivationLayer(BaseModel):
@@ -125,9 +136,10 @@ class OutputOptions(BaseModel):
     model_config = _STRICT
 
     format: Literal["png", "json"] = Field("png", description="`png`: 8-bit PNG per map; `json`: exact float32.")
-    stages: Literal["all"] | list[Annotated[int, Field(ge=0)]] = Field(
-        "all", description="`all`, or the indices (into `layers`) of the stages to return, in that order."
-    )
+    stages: Annotated[
+        Annotated[Literal["all"], Tag("name")] | Annotated[list[Annotated[int, Field(ge=0)]], Tag("items")],
+        Discriminator(_tag_by_type),
+    ] = Field("all", description="`all`, or the indices (into `layers`) of the stages to return, in that order.")
     scale: Literal["per_map", "per_stage", "none"] = Field(
         "per_map",
         description="PNG level range: each map's min..max, the stage's min..max, or the input's 0..1 (0..255).",

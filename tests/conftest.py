@@ -1,0 +1,39 @@
+"""Shared fixtures: sample images, devices to run on, and an app built from explicit settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+DOG = ROOT / "service" / "samples" / "dog.jpg"
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
+
+
+@pytest.fixture(scope="session")
+def dog_bytes() -> bytes:
+    return DOG.read_bytes()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.param)
+
+
+def make_client(**overrides: object) -> TestClient:
+    return TestClient(create_app(Settings(warmup=False, **overrides)))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with make_client() as c:
+        yield c

@@ -1,0 +1,184 @@
+"""Decoding, gray conversion, 8-bit levels and colormaps against OpenCV and matplotlib; montages."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import cv2
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import ListedColormap, Normalize
+from PIL import Image
+
+from service import imaging
+from service.colormaps import COLORMAPS, LUTS
+from service.errors import ImageDecodeError, LimitExceededError, UnsupportedMediaError
+from tests.conftest import DOG
+
+RNG = np.random.default_rng(7)
+BIG = 10**8
+
+
+def encoded(img: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+RGB = Image.fromarray(RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_decode_to_the_same_pixels(fmt: str) -> None:
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    img = imaging.decode_image(encoded(RGB, fmt, **params), BIG)
+    np.testing.assert_array_equal(np.asarray(img.convert("RGB")), np.asarray(RGB))
+
+
+def test_jpeg_decodes_like_opencv() -> None:
+    got = imaging.image_to_tensor(imaging.decode_image(DOG.read_bytes(), BIG), "rgb", "none")
+    want = cv2.cvtColor(cv2.imread(str(DOG)), cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
+    np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
+
+
+def test_gif_uses_the_first_frame() -> None:
+    frames = [Image.new("L", (4, 4), v) for v in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    x = imaging.image_to_tensor(imaging.decode_image(buf.getvalue(), BIG), "gray", "none")
+    assert x.shape == (1, 4, 4) and float(x.max()) == 10.0
+
+
+def test_gray_is_itu_601_luma_like_opencv_bgr2gray() -> None:
+    arr = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    img = imaging.decode_image(encoded(Image.fromarray(arr, "RGB"), "PNG"), BIG)
+    got = imaging.image_to_tensor(img, "gray", "none")[0].numpy()
+    want = cv2.cvtColor(arr[..., ::-1].copy(), cv2.COLOR_BGR2GRAY).astype(np.float32)
+    exact = 0.299 * arr[..., 0] + 0.587 * arr[..., 1] + 0.114 * arr[..., 2]
+    assert np.abs(got - want).max() <= 1  # the two libraries round their fixed point differently
+    assert np.abs(got - exact).max() <= 0.5 + 1e-6  # both are the ITU-R 601-2 luma, rounded
+
+
+def test_normalize_unit_divides_by_255_like_the_tutorial() -> None:
+    img = imaging.decode_image(DOG.read_bytes(), BIG)
+    unit = imaging.image_to_tensor(img, "gray", "unit")
+    raw = imaging.image_to_tensor(img, "gray", "none")
+    assert unit.dtype == torch.float32 and raw.max() > 1
+    assert torch.equal(unit, raw / 255)
+
+
+@pytest.mark.parametrize(
+    ("mode", "array", "want"),
+    [
+        ("I;16", np.array([[0, 65535], [257 * 100, 32768]], dtype=np.uint16), [[0, 255], [100, 128]]),
+        ("L", np.array([[0, 255], [7, 8]], dtype=np.uint8), [[0, 255], [7, 8]]),
+    ],
+)
+def test_16_bit_images_are_scaled_not_clipped(mode: str, array: np.ndarray, want: list[list[int]]) -> None:
+    img = imaging.decode_image(encoded(Image.fromarray(array), "PNG"), BIG)
+    assert img.mode == mode
+    got = imaging.image_to_tensor(img, "gray", "none")[0].numpy()
+    np.testing.assert_array_equal(got, np.array(want, dtype=np.float32))
+
+
+def test_palette_and_cmyk_images_convert() -> None:
+    for img in (RGB.convert("P"), RGB.convert("CMYK")):
+        fmt = "TIFF" if img.mode == "CMYK" else "PNG"
+        x = imaging.image_to_tensor(imaging.decode_image(encoded(img, fmt), BIG), "rgb", "unit")
+        assert x.shape == (3, 12, 10)
+
+
+def test_exif_orientation_is_applied() -> None:
+    wide = Image.new("RGB", (8, 4), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    img = imaging.decode_image(encoded(wide, "JPEG", exif=exif.tobytes()), BIG)
+    assert img.size == (4, 8)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "fragment"),
+    [
+        (b"", ImageDecodeError, "empty"),
+        (b"hello, not an image", UnsupportedMediaError, "supported format"),
+        (b"%PDF-1.4\n%...", UnsupportedMediaError, "supported format"),
+        (encoded(RGB, "PNG")[:60], ImageDecodeError, "corrupt or truncated"),
+        (encoded(RGB, "JPEG")[:200], ImageDecodeError, "corrupt or truncated"),
+        (encoded(RGB, "JPEG")[:-200], ImageDecodeError, "corrupt or truncated"),
+    ],
+    ids=["empty", "text", "pdf", "truncated png", "truncated jpeg header", "truncated jpeg data"],
+)
+def test_bad_files_raise_decode_errors(data: bytes, error: type[Exception], fragment: str) -> None:
+    with pytest.raises(error, match=fragment):
+        imaging.decode_image(data, BIG)
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    # A PNG that declares 20000 x 20000 pixels in a few dozen bytes: a bomb for an unchecked decoder.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    with pytest.raises(LimitExceededError, match="400,000,000 pixels"):
+        imaging.decode_image(bomb, 16_000_000)
+
+
+@pytest.mark.parametrize("colormap", COLORMAPS)
+def test_levels_and_colormaps_match_matplotlib_imshow(colormap: str) -> None:
+    maps = torch.from_numpy(RNG.standard_normal((3, 17, 19)).astype(np.float32))
+    levels = imaging.to_levels(maps, "per_map", 1.0)
+    for c in range(3):
+        m = maps[c].numpy()
+        want = _imshow_pixels(m, colormap)
+        got = imaging.colorize(levels.levels[c], colormap)
+        got_rgb = np.repeat(got[..., None], 3, axis=2) if got.ndim == 2 else got
+        np.testing.assert_array_equal(got_rgb, want)
+        assert levels.lo[c] == float(m.min()) and levels.hi[c] == float(m.max())
+
+
+def _imshow_pixels(m: np.ndarray, colormap: str) -> np.ndarray:
+    """What imshow draws for `m`; for gray, the colormap index itself (matplotlib's gray LUT rounds some down)."""
+    if colormap == "gray":
+        index = ListedColormap(np.repeat(np.arange(256)[:, None] / 256, 3, axis=1))(Normalize()(m))[..., :3]
+        return (index * 256).astype(np.uint8)
+    return matplotlib.colormaps[colormap](Normalize()(m), bytes=True)[..., :3]
+
+
+def test_luts_are_matplotlibs() -> None:
+    for name in COLORMAPS[1:]:  # gray is the identity by design
+        want = matplotlib.colormaps[name](np.arange(256), bytes=True)[:, :3]
+        np.testing.assert_array_equal(LUTS[name], want)
+
+
+def test_level_scales() -> None:
+    maps = torch.tensor([[[0.0, 0.5]], [[0.25, 0.25]]])  # (2, 1, 2); the second map is constant
+    per_map = imaging.to_levels(maps, "per_map", 1.0)
+    assert per_map.levels.tolist() == [[[0, 255]], [[0, 0]]]
+    per_stage = imaging.to_levels(maps, "per_stage", 1.0)
+    assert per_stage.levels.tolist() == [[[0, 255]], [[128, 128]]]
+    assert per_stage.lo == [0.0, 0.0] and per_stage.hi == [0.5, 0.5]
+    none = imaging.to_levels(maps, "none", 1.0)
+    assert none.levels.tolist() == [[[0, 128]], [[64, 64]]]
+    assert none.lo == [0.0, 0.0] and none.hi == [1.0, 1.0]
+
+
+def test_png_round_trip_and_montage() -> None:
+    levels = RNG.integers(0, 256, (5, 7), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(imaging.encode_png(levels)))), levels)
+    rows = [
+        imaging.MontageRow("stage 0", [("a", levels), ("b", levels)]),
+        imaging.MontageRow("stage 1", [("c", LUTS["viridis"][levels])]),
+    ]
+    picture = Image.open(io.BytesIO(imaging.montage(rows)))
+    assert picture.format == "PNG" and picture.mode == "RGB"
+    assert picture.width > 2 * 160 and picture.height > 2 * 160  # two columns, two rows of 160 px cells
+
+
+def test_montage_refuses_too_many_maps() -> None:
+    row = imaging.MontageRow("s", [("m", np.zeros((2, 2), np.uint8))] * 5)
+    with pytest.raises(LimitExceededError, match="at most 4"):
+        imaging.montage([row], max_maps=4)
