@@ -262,7 +262,35 @@ class StageOutput(BaseModel):
     data: list[Any] | None = Field(None, description="JSON only: float32 values `[C][H][W]`.")
 
 
+SEED_1: JsonValue = [[-1, -1, 1, 1]] * 4
+SEEDS: JsonValue = ["seed_1", "seed_2", "seed_3", "seed_4"]
+
+
 class FeaturemapsResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "device": "cpu",
+                    "input": {"height": 300, "width": 300, "channels": 1},
+                    "filters": [{"stage": 0, "filters": [{"name": "seed_1", "kernel": SEED_1}]}],
+                    "stages": [
+                        {
+                            "index": 2,
+                            "op": "pool",
+                            "shape": [4, 148, 148],
+                            "channels": SEEDS,
+                            "min": 0.0,
+                            "max": 3.85098,
+                            "map_ranges": [[0.0, 3.85098], [0.0, 3.46667], [0.0, 3.37647], [0.0, 3.14902]],
+                            "maps": ["iVBORw0KGgoAAAANSUhEUgAAAJQAAACUCAAAAAB...", "...", "...", "..."],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     device: str = Field(examples=["cpu"])
     input: InputInfo
     filters: list[ConvFilters]
@@ -282,6 +310,22 @@ class FilterBank(BaseModel):
 
 
 class FiltersResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "filters": [
+                        {"name": "seed_1", "kernel": SEED_1, "description": "Tutorial filter 1: dark left, ..."},
+                        {"name": "sobel_x", "kernel": KERNEL_EXAMPLE, "description": "Sobel x-derivative ..."},
+                    ],
+                    "banks": [
+                        {"name": "seed4", "filters": SEEDS, "description": "The tutorial's four 4x4 edge filters."}
+                    ],
+                }
+            ]
+        }
+    )
+
     filters: list[FilterPreset]
     banks: list[FilterBank]
 

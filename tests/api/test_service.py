@@ -78,3 +78,21 @@ def test_openapi_documents_every_route_with_an_example_and_stable_ids(client: Te
 @pytest.mark.parametrize("path", ["/docs", "/openapi.json"])
 def test_docs_are_served(client: TestClient, path: str) -> None:
     assert client.get(path).status_code == 200
+
+
+def test_every_operation_has_a_worked_example(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def has_example(schema: dict[str, object]) -> bool:
+        ref = schema.get("$ref")
+        target = schemas[str(ref).rsplit("/", 1)[-1]] if ref else schema
+        props = target.get("properties", {})
+        return "examples" in target or any("examples" in p for p in props.values())
+
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+            assert has_example(ok), f"{method.upper()} {path}: no example for its 200 response"
+            if "requestBody" in op:
+                assert any("examples" in c or "example" in str(c) for c in op["requestBody"]["content"].values())
