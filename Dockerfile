@@ -21,6 +21,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY service ./service
+COPY models ./models
 USER app
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.classifiers import MODELS_DIR
 from service.pipeline import Limits
 
 
@@ -20,6 +23,8 @@ class Settings(BaseSettings):
     max_kernel_size: int = Field(31, ge=1, description="Largest kernel side.")
     max_output_elements: int = Field(50_000_000, ge=1, description="Most float values over all stages (413).")
     max_macs: int = Field(20_000_000_000, ge=1, description="Most multiply-adds one request may cost (413).")
+    max_batch: int = Field(64, ge=1, description="Most digits in one /v1/predict batch (413).")
+    models_dir: Path = Field(MODELS_DIR, description="Where mnist-{name}.safetensors and .json live.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     warmup: bool = Field(True, description="Run a small pipeline at start-up before /readyz turns 200.")
 

@@ -1,11 +1,14 @@
 """Domain errors raised by the core; `service.main` maps each to one HTTP problem type.
 
-FeatureMapError
+FeatureMapError                  (every one may carry `loc`, the request field at fault)
  ├── ImageDecodeError            the upload is not a readable image
  │    └── UnsupportedMediaError  a readable file, but not a format we accept
  ├── PipelineSpecError           the spec is well-typed but means nothing runnable
  ├── LimitExceededError          the request would exceed a configured limit
+ ├── DigitError                  the image or pixels cannot be read as one digit
  ├── UnknownModelError           no model of that name
+ │    └── NoFeatureMapsError     the model has no convolutional layers to show
+ ├── ModelsLoadingError          the models are not loaded yet (retry shortly)
  └── DeviceUnavailableError      the requested device is not present
 """
 
@@ -26,7 +29,11 @@ class FieldIssue:
 
 
 class FeatureMapError(Exception):
-    """Base of every error the core raises on purpose."""
+    """Base of every error the core raises on purpose; `loc` names the request field at fault, if one is."""
+
+    def __init__(self, detail: str, loc: Loc | None = None) -> None:
+        self.loc = loc
+        super().__init__(detail)
 
 
 class ImageDecodeError(FeatureMapError):
@@ -42,7 +49,7 @@ class PipelineSpecError(FeatureMapError):
 
     def __init__(self, issues: Sequence[FieldIssue]) -> None:
         self.issues = tuple(issues)
-        super().__init__("; ".join(f"{format_loc(i.loc)}: {i.msg}" for i in self.issues))
+        super().__init__("; ".join(f"{format_loc(i.loc)}: {i.msg}" for i in self.issues), self.issues[0].loc)
 
     @classmethod
     def at(cls, loc: Loc, msg: str) -> PipelineSpecError:
@@ -52,13 +59,21 @@ class PipelineSpecError(FeatureMapError):
 class LimitExceededError(FeatureMapError):
     """The request would exceed a configured limit (size, pixels, output elements...)."""
 
-    def __init__(self, detail: str, loc: Loc | None = None) -> None:
-        self.loc = loc
-        super().__init__(detail)
+
+class DigitError(FeatureMapError):
+    """The input cannot be read as one digit (blank, wrong size, bad pixel values); `loc` names the field."""
 
 
 class UnknownModelError(FeatureMapError):
-    """No model is registered under the requested name."""
+    """No model is registered under the requested name; `loc` is set when a body field named it."""
+
+
+class NoFeatureMapsError(UnknownModelError):
+    """The model exists but has no convolutional layers to show."""
+
+
+class ModelsLoadingError(FeatureMapError):
+    """The models are still loading at start-up."""
 
 
 class DeviceUnavailableError(FeatureMapError):
@@ -67,7 +82,8 @@ class DeviceUnavailableError(FeatureMapError):
     def __init__(self, requested: str, available: Sequence[str]) -> None:
         self.requested = requested
         self.available = tuple(available)
-        super().__init__(f"device {requested!r} is not available here; available: {', '.join(self.available)}")
+        detail = f"device {requested!r} is not available here; available: {', '.join(self.available)}"
+        super().__init__(detail, ("device",))
 
 
 def format_loc(loc: Loc) -> str:

@@ -21,15 +21,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from service import __version__
-from service.api import featuremaps, filters, health
-from service.api.problems import PROBLEM_JSON
+from service.api import featuremaps, filters, health, models, predict
+from service.api.docs import PROBLEM_JSON
+from service.classifiers import Registry
 from service.config import Settings
 from service.errors import (
     DeviceUnavailableError,
+    DigitError,
     FeatureMapError,
     ImageDecodeError,
     LimitExceededError,
     Loc,
+    ModelsLoadingError,
+    NoFeatureMapsError,
     PipelineSpecError,
     UnknownModelError,
     UnsupportedMediaError,
@@ -37,7 +41,13 @@ from service.errors import (
 )
 from service.middleware import BodyLimitMiddleware
 from service.readiness import Readiness, warm_up
-from service.schemas import UNION_TAGS, FeaturemapsJSONRequest
+from service.schemas import (
+    UNION_TAGS,
+    FeaturemapsJSONRequest,
+    ModelFeaturemapsJSONRequest,
+    PredictJSONRequest,
+    Problem,
+)
 
 log = logging.getLogger("service")
 
@@ -47,7 +57,10 @@ PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str], ...] = (
     (ImageDecodeError, 422, "invalid-image", "Invalid image"),
     (PipelineSpecError, 422, "invalid-spec", "Invalid pipeline spec"),
     (LimitExceededError, 413, "limit-exceeded", "Limit exceeded"),
+    (DigitError, 422, "invalid-digit", "Not a readable digit"),
+    (NoFeatureMapsError, 404, "no-feature-maps", "No feature maps"),
     (UnknownModelError, 404, "unknown-model", "Unknown model"),
+    (ModelsLoadingError, 503, "models-loading", "Models loading"),
     (DeviceUnavailableError, 422, "device-unavailable", "Device unavailable"),
 )
 
@@ -112,16 +125,21 @@ def install_problem_handlers(app: FastAPI) -> None:
             ((status, slug, title) for cls, status, slug, title in PROBLEM_TYPES if isinstance(exc, cls)),
             (400, "bad-request", "Bad request"),
         )
+        assert isinstance(exc, FeatureMapError)
         errors = None
         extra: dict[str, Any] = {}
+        headers: dict[str, str] | None = None
         if isinstance(exc, PipelineSpecError):
             errors = [_field_error(i.loc, i.msg) for i in exc.issues]
-        elif isinstance(exc, LimitExceededError) and exc.loc:
+        elif exc.loc:
             errors = [_field_error(exc.loc, str(exc))]
-        elif isinstance(exc, DeviceUnavailableError):
-            errors = [_field_error(("device",), str(exc))]
+        if isinstance(exc, DeviceUnavailableError):
             extra["available_devices"] = list(exc.available)
-        return problem(status, str(exc), request, slug, title, errors, **extra)
+        if isinstance(exc, UnknownModelError) and exc.loc:
+            status = 422  # a body field naming no model is an invalid field; a path naming none is a 404
+        if isinstance(exc, ModelsLoadingError):
+            headers = {"Retry-After": "1"}
+        return problem(status, str(exc), request, slug, title, errors, headers, **extra)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: Exception) -> Response:
@@ -174,11 +192,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         readiness = Readiness()
+        registry = Registry()
         if settings.warmup:
-            threading.Thread(target=warm_up, args=(readiness,), name="warm-up", daemon=True).start()
+            args = (readiness, registry, settings.models_dir)
+            threading.Thread(target=warm_up, args=args, name="warm-up", daemon=True).start()
         else:
+            registry.load(settings.models_dir)
             readiness.mark_ready()
-        yield {"settings": settings, "readiness": readiness}
+        yield {"settings": settings, "readiness": readiness, "registry": registry}
         readiness.mark_stopping()
 
     app = FastAPI(
@@ -190,15 +211,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_problem_handlers(app)
-    for module in (health, filters, featuremaps):
-        app.include_router(module.router)
+    for router in (health.router, filters.router, featuremaps.router, predict.router, models.router):
+        app.include_router(router)
+    app.include_router(predict.unversioned)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             # Request bodies parsed by hand (multipart or JSON on one route) still get their models published.
+            bodies = (FeaturemapsJSONRequest, PredictJSONRequest, ModelFeaturemapsJSONRequest, Problem)
             _, extra = models_json_schema(
-                [(FeaturemapsJSONRequest, "validation")], ref_template="#/components/schemas/{model}"
+                [(model, "validation") for model in bodies], ref_template="#/components/schemas/{model}"
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(extra.get("$defs", {}))
             app.openapi_schema = schema

@@ -5,13 +5,15 @@ Stages are a discriminated union on `op`. Models reject unknown fields, so a typ
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag
 
 from service import pipeline
 
-_STRICT = ConfigDict(extra="forbid", strict=True)
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d{1,3})?)$"
+MODEL_PATTERN = r"^[a-z0-9_-]{1,32}$"
 
 KERNEL_EXAMPLE: JsonValue = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]
 
@@ -180,7 +182,7 @@ class FeaturemapsSpec(BaseModel):
         json_schema_extra={"default": DEFAULT_LAYERS},
     )
     output: OutputOptions = Field(default_factory=OutputOptions)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$", description="`auto` uses CUDA when present.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="`auto` uses CUDA when present.")
 
     def to_pipeline_spec(self) -> pipeline.PipelineSpec:
         """The core's spec; preset names and kernels are resolved here (PipelineSpecError on a bad one)."""
@@ -331,7 +333,7 @@ class FiltersResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "starting", "stopping"] = Field(examples=["ok"])
+    status: Literal["ok", "starting", "stopping", "unavailable"] = Field(examples=["ok"])
 
 
 class ProblemFieldError(BaseModel):
@@ -349,3 +351,175 @@ class Problem(BaseModel):
     detail: str
     instance: str | None = None
     errors: list[ProblemFieldError] | None = None
+
+
+# --- MNIST classifiers -----------------------------------------------------------------------------------------
+
+Preprocess = Literal["mnist", "none"]
+
+
+class PredictOptions(BaseModel):
+    """Options of a prediction; in multipart they are form fields beside the file `image`."""
+
+    model_config = _STRICT
+
+    model: str = Field("cnn", pattern=MODEL_PATTERN, description="`cnn` or `mlp` (see /v1/models).")
+    top_k: int = Field(3, ge=1, le=10, description="How many of the most likely labels to list.")
+    preprocess: Preprocess = Field(
+        "mnist",
+        description="`mnist`: grayscale, invert a light background, crop, fit 20x20, centre by mass in 28x28 "
+        "(for photos and drawings). `none`: the input is already 28x28 MNIST-style (white digit on black).",
+    )
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    include_input: bool = Field(False, description="Also return the 28x28 image the model saw, as a base64 PNG.")
+
+
+PixelRows = Annotated[
+    list[list[float]], Field(description="28 rows of 28 numbers: 0..255, or 0..1 when no value exceeds 1.")
+]
+BatchItem = Annotated[
+    Annotated[str, Tag("name")] | Annotated[PixelRows, Tag("items")],
+    Discriminator(_tag_by_type),
+]
+
+
+# A "1": a vertical bar 4 px wide, as 28 rows of 0..255.
+ONE_PIXELS = cast(JsonValue, [[0] * 28] * 4 + [[0] * 12 + [255] * 4 + [0] * 12] * 20 + [[0] * 28] * 4)
+
+
+class PredictJSONRequest(PredictOptions):
+    """`application/json`: exactly one of `image` (base64 file), `pixels` (28x28) or `images` (a batch)."""
+
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={
+            "examples": [
+                {"model": "cnn", "image": "iVBORw0KGgoAAAANSUhEUgAA...", "top_k": 3},
+                {"model": "mlp", "pixels": ONE_PIXELS},
+                {"model": "cnn", "images": ["iVBORw0KGgoAAAANSUhEUgAA...", "iVBORw0KGgoAAAANSUhEUgAA..."]},
+            ]
+        },
+    )
+
+    image: str | None = Field(None, description="The image file's bytes as base64 (or a `data:` URL).")
+    pixels: PixelRows | None = None
+    images: list[BatchItem] | None = Field(
+        None, min_length=1, description="A batch: base64 images and/or 28x28 pixel arrays, answered in order."
+    )
+
+
+class TopK(BaseModel):
+    label: int = Field(examples=[7])
+    probability: float = Field(examples=[0.998])
+
+
+class PreprocessingInfo(BaseModel):
+    mode: Preprocess
+    steps: list[str] = Field(examples=[["grayscale", "inverted (light background)", "centred by mass in 28x28"]])
+
+
+class DigitPrediction(BaseModel):
+    label: int = Field(examples=[7])
+    confidence: float = Field(description="The probability of `label`.", examples=[0.998])
+    probabilities: list[float] = Field(description="Ten probabilities, for the digits 0..9; they sum to 1.")
+    top_k: list[TopK]
+    preprocessing: PreprocessingInfo
+    input_image: str | None = Field(None, description="With `include_input`: the 28x28 input as a base64 PNG.")
+
+
+class PredictResponse(DigitPrediction):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "cnn",
+                    "device": "cpu",
+                    "label": 7,
+                    "confidence": 0.9981,
+                    "probabilities": [0.0, 0.0002, 0.0011, 0.0001, 0.0, 0.0, 0.0, 0.9981, 0.0, 0.0005],
+                    "top_k": [{"label": 7, "probability": 0.9981}, {"label": 2, "probability": 0.0011}],
+                    "preprocessing": {"mode": "mnist", "steps": ["grayscale", "centred by mass in 28x28"]},
+                }
+            ]
+        }
+    )
+
+    model: str
+    device: str
+
+
+class BatchPredictResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "cnn",
+                    "device": "cpu",
+                    "predictions": [
+                        {
+                            "label": 1,
+                            "confidence": 0.9993,
+                            "probabilities": [0.0, 0.9993, 0.0001, 0.0, 0.0002, 0.0, 0.0, 0.0003, 0.0001, 0.0],
+                            "top_k": [{"label": 1, "probability": 0.9993}],
+                            "preprocessing": {"mode": "none", "steps": ["grayscale", "scaled to [0, 1]"]},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    model: str
+    device: str
+    predictions: list[DigitPrediction] = Field(description="One per input, in order.")
+
+
+class ModelLayer(BaseModel):
+    name: str = Field(examples=["features.0"])
+    type: str = Field(examples=["Conv2d"])
+    output_shape: list[int] = Field(examples=[[16, 28, 28]])
+    parameters: int = Field(examples=[416])
+
+
+class ModelCard(BaseModel):
+    """The model card written by training, plus the layer list."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(examples=["cnn"])
+    task: str
+    parameters: int = Field(examples=[106890])
+    test_accuracy: float = Field(description="On all 10,000 MNIST test images.", examples=[0.9951])
+    preprocessing: dict[str, str]
+    weights: dict[str, str]
+    training: dict[str, Any]
+    torch_version: str
+    layers: list[ModelLayer]
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]
+
+
+class ModelFeaturemapsSpec(BaseModel):
+    """What to return of the trained CNN's activations; the image goes through `preprocess` first."""
+
+    model_config = ConfigDict(**_STRICT, json_schema_extra={"examples": [{"output": {"stages": [0, 2]}}]})
+
+    preprocess: Preprocess = "mnist"
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+
+
+class ModelFeaturemapsJSONRequest(ModelFeaturemapsSpec):
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={"examples": [{"image": "iVBORw0KGgoAAAANSUhEUgAA...", "output": {"format": "png"}}]},
+    )
+
+    image: str = Field(min_length=1, description="The image file's bytes as base64 (or a `data:` URL).")
+
+
+class ModelFeaturemapsResponse(FeaturemapsResponse):
+    model: str
+    prediction: DigitPrediction

@@ -1,4 +1,5 @@
-"""Request dependencies: settings and readiness from the lifespan state, and the featuremaps request body."""
+"""Request dependencies: settings, readiness and models from the lifespan state, and request bodies that come
+either as multipart/form-data (a file `image` plus fields) or as JSON (the image as base64)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,25 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Generic, TypeVar, cast
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from service.classifiers import Registry
 from service.config import Settings
-from service.errors import UnsupportedMediaError
+from service.errors import LimitExceededError, UnsupportedMediaError
 from service.readiness import Readiness
-from service.schemas import FeaturemapsJSONRequest, FeaturemapsSpec
+from service.schemas import (
+    FeaturemapsJSONRequest,
+    FeaturemapsSpec,
+    ModelFeaturemapsJSONRequest,
+    ModelFeaturemapsSpec,
+    PredictJSONRequest,
+    PredictOptions,
+)
 
 
 def get_settings(request: Request) -> Settings:
@@ -27,26 +36,34 @@ def get_readiness(request: Request) -> Readiness:
     return cast(Readiness, request.state.readiness)
 
 
+def get_registry(request: Request) -> Registry:
+    return cast(Registry, request.state.registry)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
-class ImagePayload:
+class ImagePayload(Generic[SpecT]):
     """An uploaded image's bytes and the spec that came with it, whichever encoding the client used."""
 
     image: bytes
-    spec: FeaturemapsSpec
+    spec: SpecT
 
 
-def _field_error(field: str, msg: str, kind: str = "value_error") -> RequestValidationError:
-    return RequestValidationError([{"loc": (field,), "msg": msg, "type": kind}])
+def field_error(field: str | tuple[str | int, ...], msg: str, kind: str = "value_error") -> RequestValidationError:
+    loc = (field,) if isinstance(field, str) else field
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
 
 
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
 
 
-def decode_base64_image(value: str, field: str = "image") -> bytes:
+def decode_base64_image(value: str, field: str | tuple[str | int, ...] = "image") -> bytes:
     """Base64 (standard or URL-safe alphabet, or a `data:` URL) -> bytes; a 422 pointing at `field` otherwise."""
     text = _DATA_URL.sub("", value.strip(), count=1)
     text = "".join(text.split()).replace("-", "+").replace("_", "/")
@@ -54,41 +71,107 @@ def decode_base64_image(value: str, field: str = "image") -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise _field_error(field, "is not valid base64") from None
+        raise field_error(field, "is not valid base64") from None
 
 
-def _validate(model: type[FeaturemapsSpec], raw: str | bytes) -> Any:
+def _validate(model: type[SpecT], raw: str | bytes | dict[str, Any], strict: bool | None = None) -> SpecT:
     try:
+        if isinstance(raw, dict):
+            return model.model_validate(raw, strict=strict)
         return model.model_validate_json(raw)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False, include_context=False)) from None
 
 
-_FORM_FIELDS = ("image", "spec")
-
-
-async def read_image_payload(request: Request) -> ImagePayload:
-    """`multipart/form-data` (file `image`, optional JSON `spec`) or `application/json` (`image` as base64)."""
+def _body_kind(request: Request) -> str:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        async with request.form(max_files=2, max_fields=8) as form:
-            unknown = [k for k in form if k not in _FORM_FIELDS]
-            if unknown:
-                raise _field_error(unknown[0], f"unknown form field; expected {' and '.join(_FORM_FIELDS)}")
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise _field_error("image", "a file field named 'image' is required", "missing")
-            data = await upload.read()
-            raw_spec = form.get("spec")
-            if isinstance(raw_spec, UploadFile):  # curl -F spec=@spec.json sends it as a file
-                raw_spec = (await raw_spec.read()).decode("utf-8", errors="replace")
-        return ImagePayload(data, _validate(FeaturemapsSpec, raw_spec or "{}"))
+        return "multipart"
     if ctype == "application/json" or ctype.endswith("+json"):
-        body = _validate(FeaturemapsJSONRequest, await request.body())
-        return ImagePayload(decode_base64_image(body.image), body)  # the body is a FeaturemapsSpec too
+        return "json"
     raise UnsupportedMediaError(
         f"send multipart/form-data (a file field 'image') or application/json; got {ctype or 'no Content-Type'}"
     )
 
 
-ImagePayloadDep = Annotated[ImagePayload, Depends(read_image_payload)]
+async def _read_form(request: Request, fields: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
+    """The file `image` and the text of the other allowed `fields` (a field sent as a file part is read as text)."""
+    allowed = ("image", *fields)
+    async with request.form(max_files=len(allowed), max_fields=len(allowed) + 4) as form:
+        unknown = [k for k in form if k not in allowed]
+        if unknown:
+            raise field_error(unknown[0], f"unknown form field; expected {', '.join(allowed)}")
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise field_error("image", "a file field named 'image' is required", "missing")
+        data = await upload.read()
+        values: dict[str, str] = {}
+        for name in fields:
+            value = form.get(name)
+            if isinstance(value, UploadFile):  # curl -F spec=@spec.json sends it as a file
+                value = (await value.read()).decode("utf-8", errors="replace")
+            if value is not None:
+                values[name] = value
+    return data, values
+
+
+async def read_featuremaps_payload(request: Request) -> ImagePayload[FeaturemapsSpec]:
+    """multipart: file `image` + optional JSON field `spec`; JSON: the spec's fields + `image` in base64."""
+    if _body_kind(request) == "multipart":
+        data, values = await _read_form(request, ("spec",))
+        return ImagePayload(data, _validate(FeaturemapsSpec, values.get("spec") or "{}"))
+    body = _validate(FeaturemapsJSONRequest, await request.body())
+    return ImagePayload(decode_base64_image(body.image), body)  # the body is a FeaturemapsSpec too
+
+
+async def read_model_featuremaps_payload(request: Request) -> ImagePayload[ModelFeaturemapsSpec]:
+    """As for /v1/featuremaps, with the model's spec (output options, preprocess, device)."""
+    if _body_kind(request) == "multipart":
+        data, values = await _read_form(request, ("spec",))
+        return ImagePayload(data, _validate(ModelFeaturemapsSpec, values.get("spec") or "{}"))
+    body = _validate(ModelFeaturemapsJSONRequest, await request.body())
+    return ImagePayload(decode_base64_image(body.image), body)
+
+
+DigitInput = bytes | list[list[float]]  # an encoded image file, or 28x28 pixel values
+
+
+@dataclass(frozen=True)
+class PredictPayload:
+    options: PredictOptions
+    inputs: list[tuple[tuple[str | int, ...], DigitInput]]  # (field it came from, input), in order
+    batch: bool
+
+
+_PREDICT_FIELDS = tuple(PredictOptions.model_fields)
+
+
+async def read_predict_payload(request: Request) -> PredictPayload:
+    """multipart: file `image` + form fields; JSON: exactly one of `image`, `pixels` or `images` (a batch)."""
+    settings = get_settings(request)
+    if _body_kind(request) == "multipart":
+        data, values = await _read_form(request, _PREDICT_FIELDS)
+        return PredictPayload(_validate(PredictOptions, dict(values), strict=False), [(("image",), data)], False)
+    body = _validate(PredictJSONRequest, await request.body())
+    given = [name for name in ("image", "pixels", "images") if getattr(body, name) is not None]
+    if len(given) != 1:
+        where = given[1] if len(given) > 1 else "image"
+        raise field_error(where, "send exactly one of image (base64), pixels (28x28) or images (a batch)")
+    options: PredictOptions = body  # a PredictJSONRequest is PredictOptions plus the inputs
+    if body.image is not None:
+        return PredictPayload(options, [(("image",), decode_base64_image(body.image))], False)
+    if body.pixels is not None:
+        return PredictPayload(options, [(("pixels",), body.pixels)], False)
+    images = body.images or []
+    if len(images) > settings.max_batch:
+        raise LimitExceededError(f"the batch has {len(images)} images; the limit is {settings.max_batch}", ("images",))
+    inputs: list[tuple[tuple[str | int, ...], DigitInput]] = [
+        (("images", i), decode_base64_image(item, ("images", i)) if isinstance(item, str) else item)
+        for i, item in enumerate(images)
+    ]
+    return PredictPayload(options, inputs, True)
+
+
+FeaturemapsPayloadDep = Annotated[ImagePayload[FeaturemapsSpec], Depends(read_featuremaps_payload)]
+ModelFeaturemapsPayloadDep = Annotated[ImagePayload[ModelFeaturemapsSpec], Depends(read_model_featuremaps_payload)]
+PredictPayloadDep = Annotated[PredictPayload, Depends(read_predict_payload)]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import copy
+from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Header
@@ -10,8 +11,8 @@ from starlette.responses import Response
 
 from service import imaging, pipeline
 from service.api import render
-from service.api.deps import ImagePayloadDep, SettingsDep
-from service.api.problems import problem_responses
+from service.api.deps import FeaturemapsPayloadDep, SettingsDep
+from service.api.docs import image_request_body, problem_responses
 from service.devices import resolve_device
 from service.schemas import DEFAULT_LAYERS, FeaturemapsResponse
 
@@ -19,79 +20,41 @@ router = APIRouter(prefix="/v1", tags=["featuremaps"], responses=problem_respons
 
 _SPEC_EXAMPLE = '{"layers": [{"op": "conv", "filters": "seed4"}, {"op": "relu"}, {"op": "pool", "size": 2}]}'
 
-REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "PNG, JPEG, BMP, GIF, WebP or TIFF.",
-                        },
-                        "spec": {
-                            "type": "string",
-                            "description": "The spec as a JSON string (FeaturemapsSpec); omitted = tutorial defaults.",
-                            "example": _SPEC_EXAMPLE,
-                        },
-                    },
-                },
-                "encoding": {"image": {"contentType": "image/*"}, "spec": {"contentType": "application/json"}},
-            },
-            "application/json": {
-                "schema": {"$ref": "#/components/schemas/FeaturemapsJSONRequest"},
-                "examples": {
-                    "tutorial": {
-                        "summary": "The tutorial's pipeline (image shortened)",
-                        "value": {"image": "iVBORw0KGgoAAAANSUhEUgAA...", "layers": DEFAULT_LAYERS},
-                    },
-                    "rgb_sobel_json": {
-                        "summary": "Sobel on each RGB channel, exact tensors back",
-                        "value": {
-                            "image": "iVBORw0KGgoAAAANSUhEUgAA...",
-                            "color": "rgb",
-                            "layers": [{"op": "conv", "filters": ["sobel_x", "sobel_y"], "padding": "same"}],
-                            "output": {"format": "json"},
-                        },
-                    },
-                },
+REQUEST_BODY = image_request_body(
+    {
+        "spec": {
+            "type": "string",
+            "description": "The spec as a JSON string (FeaturemapsSpec); omitted = tutorial defaults.",
+            "example": _SPEC_EXAMPLE,
+        }
+    },
+    "FeaturemapsJSONRequest",
+    {
+        "tutorial": {
+            "summary": "The tutorial's pipeline (image shortened)",
+            "value": {"image": "iVBORw0KGgoAAAANSUhEUgAA...", "layers": DEFAULT_LAYERS},
+        },
+        "rgb_sobel_json": {
+            "summary": "Sobel on each RGB channel, exact tensors back",
+            "value": {
+                "image": "iVBORw0KGgoAAAANSUhEUgAA...",
+                "color": "rgb",
+                "layers": [{"op": "conv", "filters": ["sobel_x", "sobel_y"], "padding": "same"}],
+                "output": {"format": "json"},
             },
         },
-    }
-}
-
-
-def _wants_png(accept: str | None) -> bool:
-    """True when the client prefers image/png to JSON (q-values honoured; wildcards mean JSON)."""
-    best: tuple[float, bool] = (-1.0, False)
-    for part in (accept or "").split(","):
-        media, *params = (p.strip() for p in part.split(";"))
-        q = 1.0
-        for p in params:
-            if p.startswith("q="):
-                try:
-                    q = float(p[2:])
-                except ValueError:
-                    q = 0.0
-        if media.lower() == "image/png" and q > best[0]:
-            best = (q, True)
-        elif media.lower() in ("application/json", "application/*", "*/*") and q >= best[0]:
-            best = (q, False)
-    return best[1] and best[0] > 0
+    },
+)
 
 
 @router.post(
     "/featuremaps",
     response_model=FeaturemapsResponse,
     responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}},
-    openapi_extra=REQUEST_BODY,
+    openapi_extra=copy.deepcopy(REQUEST_BODY),  # FastAPI merges it in place
 )
 def compute_featuremaps(
-    payload: ImagePayloadDep,
+    payload: FeaturemapsPayloadDep,
     settings: SettingsDep,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
@@ -105,6 +68,6 @@ def compute_featuremaps(
     with torch.inference_mode():
         x = imaging.image_to_tensor(image, spec.color, spec.normalize).to(device)
         result = pipeline.run_pipeline(x, spec, settings.limits(), stages)
-        if _wants_png(accept):
+        if render.wants_png(accept):
             return render.montage_response(result, output, value_range)
         return render.json_response(render.featuremaps_response(result, output, value_range))

@@ -12,14 +12,19 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from service import imaging
+from service.classifiers import Prediction
 from service.pipeline import PipelineResult, StageResult
 from service.schemas import (
     ConvFilters,
+    DigitPrediction,
     FeaturemapsResponse,
     FilterInfo,
     InputInfo,
     OutputOptions,
+    PredictOptions,
+    PreprocessingInfo,
     StageOutput,
+    TopK,
 )
 
 
@@ -91,3 +96,39 @@ def json_response(model: BaseModel, status_code: int = 200) -> Response:
     """orjson straight from the model: numpy float32 arrays come out as their shortest exact decimals."""
     body = orjson.dumps(model, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(body, status_code=status_code, media_type="application/json")
+
+
+def digit_prediction(prediction: Prediction, options: PredictOptions) -> DigitPrediction:
+    p = prediction.probabilities
+    digit = prediction.preprocessed
+    image = None
+    if options.include_input:
+        pixels = np.rint(digit.pixels * 255).astype(np.uint8)
+        image = base64.b64encode(imaging.encode_png(pixels)).decode("ascii")
+    return DigitPrediction(
+        label=prediction.label,
+        confidence=float(p[prediction.label]),
+        probabilities=[float(v) for v in p],
+        top_k=[TopK(label=label, probability=prob) for label, prob in prediction.top_k(options.top_k)],
+        preprocessing=PreprocessingInfo(mode=digit.mode, steps=list(digit.steps)),
+        input_image=image,
+    )
+
+
+def wants_png(accept: str | None) -> bool:
+    """True when the client prefers image/png to JSON (q-values honoured; wildcards mean JSON)."""
+    best: tuple[float, bool] = (-1.0, False)
+    for part in (accept or "").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        if media.lower() == "image/png" and q > best[0]:
+            best = (q, True)
+        elif media.lower() in ("application/json", "application/*", "*/*") and q >= best[0]:
+            best = (q, False)
+    return best[1] and best[0] > 0

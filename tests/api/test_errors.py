@@ -27,6 +27,11 @@ def spec_with(**fields: Any) -> dict[str, Any]:
     return {"image": DOG_B64, **fields}
 
 
+def with_image(raw_json: str) -> str:
+    """A raw JSON spec (it may hold NaN or Infinity, which json.dumps would not write) plus the dog."""
+    return raw_json[:-1] + f', "image": "{DOG_B64}"}}'
+
+
 def conv(**fields: Any) -> dict[str, Any]:
     return {"op": "conv", "filters": "seed4", **fields}
 
@@ -74,6 +79,10 @@ JSON_CASES: list[tuple[str, Any, int, str, str | None, str]] = [
     ("too many filters", spec_with(layers=[conv(filters=["identity"] * 65)]), 413, "limit-exceeded", "layers[0].filters", "limit is 64"),
     ("kernel too big", spec_with(layers=[conv(filters=[{"kernel": [[0] * 33] * 33}])]), 413, "limit-exceeded", "layers[0].filters[0]", "largest kernel side allowed is 31"),
     ("output too large", spec_with(layers=[conv(filters=["identity"] * 64, padding="same"), conv(filters=["identity"] * 64, padding="same")]), 413, "limit-exceeded", "layers[1]", "stage 1 (conv"),
+    ("NaN kernel", with_image('{"layers": [{"op": "conv", "filters": [{"kernel": [[NaN, 1]]}]}]}'), 422, "invalid-spec", "layers[0].filters[0].kernel", "non-finite"),
+    ("infinite kernel", with_image('{"layers": [{"op": "conv", "filters": [{"kernel": [[1, -Infinity]]}]}]}'), 422, "invalid-spec", "layers[0].filters[0].kernel", "non-finite"),
+    ("infinite bias", with_image('{"layers": [{"op": "conv", "filters": "seed4", "bias": Infinity}]}'), 422, "invalid-request", "layers[0].bias", "finite"),
+    ("overflowing kernel", spec_with(layers=[conv(filters=[{"kernel": [[3e38] * 3] * 3}])]), 422, "invalid-spec", "layers[0]", "overflow"),
     ("body not JSON", "{not json", 422, "invalid-request", None, "JSON"),
     ("body is a list", [1, 2], 422, "invalid-request", None, "object"),
 ]

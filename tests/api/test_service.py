@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,9 +29,9 @@ def test_healthz(client: TestClient) -> None:
 def test_readyz_is_503_until_warm_up_finishes_then_200(monkeypatch: pytest.MonkeyPatch) -> None:
     gate = threading.Event()
 
-    def gated_warm_up(readiness: Readiness) -> None:
+    def gated_warm_up(readiness: Readiness, *args: Any) -> None:
         gate.wait(30)
-        warm_up(readiness)
+        warm_up(readiness, *args)
 
     monkeypatch.setattr("service.main.warm_up", gated_warm_up)
     with TestClient(create_app(Settings(warmup=True))) as c:
@@ -84,11 +85,16 @@ def test_every_operation_has_a_worked_example(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     schemas = doc["components"]["schemas"]
 
-    def has_example(schema: dict[str, object]) -> bool:
-        ref = schema.get("$ref")
+    def has_example(schema: dict[str, Any], depth: int = 0) -> bool:
+        """An example on the schema, on one of its fields, or (one level down) on a model it lists."""
+        if "anyOf" in schema:
+            return all(has_example(s, depth) for s in schema["anyOf"])
+        ref = schema.get("$ref") or schema.get("items", {}).get("$ref")
         target = schemas[str(ref).rsplit("/", 1)[-1]] if ref else schema
-        props = target.get("properties", {})
-        return "examples" in target or any("examples" in p for p in props.values())
+        props = target.get("properties", {}).values()
+        if "examples" in target or any("examples" in p for p in props):
+            return True
+        return depth < 1 and any(has_example(p, depth + 1) for p in props)
 
     for path, item in doc["paths"].items():
         for method, op in item.items():

@@ -11,7 +11,7 @@ import time
 
 import httpx2 as httpx
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.conftest import DOG, ROOT
 
@@ -44,6 +44,19 @@ def test_dog_through_a_real_server(base_url: str) -> None:
 
         r = client.post("/v1/featuremaps", files={"image": ("x.txt", b"hello")})
         assert r.status_code == 415 and r.headers["content-type"] == "application/problem+json"
+
+
+def test_a_drawn_digit_through_a_real_server(base_url: str) -> None:
+    page = Image.new("L", (300, 200), 255)
+    ImageDraw.Draw(page).line([(150, 30), (150, 170)], fill=0, width=14)  # a "1", dark on white, off-centre
+    buf = io.BytesIO()
+    page.save(buf, format="JPEG")
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        wait_ready(client)
+        for model in ("cnn", "mlp"):
+            r = client.post("/predict", files={"image": ("one.jpg", buf.getvalue())}, data={"model": model})
+            assert r.status_code == 200, r.text
+            assert r.json()["label"] == 1 and r.json()["model"] == model
 
 
 def free_port() -> int:

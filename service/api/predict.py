@@ -1,0 +1,59 @@
+"""POST /v1/predict (and /predict): classify a digit, or a batch of digits, with the MLP or the CNN."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import APIRouter
+
+from service import classifiers
+from service.api import render
+from service.api.deps import PredictPayloadDep, RegistryDep, SettingsDep
+from service.api.docs import image_request_body, problem_responses
+from service.devices import resolve_device
+from service.schemas import ONE_PIXELS, BatchPredictResponse, PredictOptions, PredictResponse
+
+router = APIRouter(prefix="/v1", tags=["predict"], responses=problem_responses(400, 413, 415, 422, 503))
+unversioned = APIRouter(tags=["predict"], responses=problem_responses(400, 413, 415, 422, 503))
+
+REQUEST_BODY = image_request_body(
+    PredictOptions.model_json_schema()["properties"],
+    "PredictJSONRequest",
+    {
+        "image": {"summary": "A picture, base64", "value": {"model": "cnn", "image": "iVBORw0KGgo..."}},
+        "pixels": {"summary": "28x28 pixel values", "value": {"model": "mlp", "pixels": ONE_PIXELS}},
+        "batch": {"summary": "A batch", "value": {"images": ["iVBORw0KGgo...", "iVBORw0KGgo..."]}},
+    },
+)
+RESPONSES: dict[int | str, dict[str, Any]] = {200: {"description": "One prediction, or `predictions` for a batch."}}
+
+
+def predict_digit(
+    payload: PredictPayloadDep, registry: RegistryDep, settings: SettingsDep
+) -> PredictResponse | BatchPredictResponse:
+    """Classify a digit (or a batch): label, confidence, the ten probabilities, and the top k."""
+    options = payload.options
+    classifier = registry.get(options.model, loc=("model",))
+    device = resolve_device(options.device)
+    digits = [
+        classifiers.prepare_digit(value, options.preprocess, settings.max_image_pixels, loc)
+        for loc, value in payload.inputs
+    ]
+    predictions = [render.digit_prediction(p, options) for p in classifier.predict(digits, device)]
+    if payload.batch:
+        return BatchPredictResponse(model=classifier.name, device=str(device), predictions=predictions)
+    return PredictResponse(model=classifier.name, device=str(device), **predictions[0].model_dump())
+
+
+for _router, _name in ((router, "predict_digit"), (unversioned, "predict_digit_unversioned")):
+    _router.add_api_route(
+        "/predict",
+        predict_digit,
+        methods=["POST"],
+        name=_name,
+        response_model=PredictResponse | BatchPredictResponse,
+        responses=RESPONSES,
+        openapi_extra=copy.deepcopy(REQUEST_BODY),  # FastAPI merges it in place
+        summary="Predict Digit" + (" (unversioned alias of /v1/predict)" if router is not _router else ""),
+    )

@@ -1,0 +1,360 @@
+"""The MNIST classifiers at serving time: load weights and model cards, preprocess digits, predict."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageFilter
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from service import imaging, nets
+from service.datasets import Digits
+from service.errors import (
+    DigitError,
+    FeatureMapError,
+    Loc,
+    ModelsLoadingError,
+    NoFeatureMapsError,
+    PipelineSpecError,
+    UnknownModelError,
+)
+from service.pipeline import Filter, PipelineResult, StagePlan, StageResult
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """`(N, 28, 28)` uint8 -> `(N, 1, 28, 28)` float32 in [0, 1] (ToTensor's scaling)."""
+    return torch.from_numpy(images.astype(np.float32) / np.float32(255)).unsqueeze(1)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, digits: Digits, batch_size: int = 1000) -> float:
+    """Accuracy on `digits`, as a fraction; the same batching every time, so it is reproducible."""
+    was_training = model.training
+    model.eval()
+    x, y = to_input(digits.images), torch.from_numpy(digits.labels.astype("int64"))
+    correct = sum(
+        int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(y), batch_size)
+    )
+    model.train(was_training)
+    return correct / len(y)
+
+
+def layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """Each leaf layer in forward order: name, type, output shape for one digit, parameter count."""
+    rows: list[dict[str, Any]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if name and not list(module.children()) and not isinstance(module, nn.Dropout):
+
+            def hook(m: nn.Module, _: Any, out: torch.Tensor, name: str = name) -> None:
+                rows.append(
+                    {
+                        "name": name,
+                        "type": type(m).__name__,
+                        "output_shape": list(out.shape[1:]),
+                        "parameters": sum(p.numel() for p in m.parameters()),
+                    }
+                )
+
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        model(torch.zeros(1, 1, 28, 28))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+# --- preprocessing a real picture of a digit -------------------------------------------------------------------
+
+MNIST_BOX = 20  # MNIST digits were scaled to fit 20x20 ...
+MNIST_SIZE = 28  # ... and centred by mass in 28x28
+_INK_THRESHOLD = 0.2  # of the stretched range: what counts as ink for the bounding box
+_STROKE_FRACTION = 0.1  # MNIST strokes are about 2 px of the 20 px box
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """A digit as the model sees it, and what was done to get there."""
+
+    pixels: np.ndarray  # (28, 28) float32 in [0, 1], white digit on black
+    mode: str
+    steps: tuple[str, ...]
+
+
+def preprocess_none(img: Image.Image) -> Preprocessed:
+    """An image that is already 28x28 MNIST-style (white on black): grayscale and scale to [0, 1] only."""
+    if img.size != (MNIST_SIZE, MNIST_SIZE):
+        raise DigitError(f"preprocess 'none' needs a 28x28 image, got {img.width}x{img.height}; use 'mnist'")
+    gray = np.asarray(_flatten_alpha(img, []).convert("L"), dtype=np.float32) / np.float32(255)
+    return Preprocessed(gray, "none", ("grayscale", "scaled to [0, 1]"))
+
+
+def preprocess_mnist(img: Image.Image) -> Preprocessed:
+    """What the MNIST authors did to their scans, for photos and canvas drawings of one digit.
+
+    Grayscale; invert when the background is light; subtract the background and stretch the ink to full range;
+    thicken strokes that would vanish when shrunk; crop to the ink's bounding box; scale to fit 20x20 keeping
+    the aspect ratio (area-averaged); paste into 28x28 with the centre of mass at the centre.
+    """
+    steps: list[str] = []
+    gray = np.asarray(_flatten_alpha(img, steps).convert("L"), dtype=np.float32)
+    steps.append("grayscale")
+    if float(np.median(_border(gray))) > 127:
+        gray = 255 - gray
+        steps.append("inverted (light background)")
+    ink = np.clip(gray - float(np.median(_border(gray))), 0, None)
+    peak = float(np.percentile(ink, 99.9)) if ink.size > 1000 else float(ink.max())
+    if peak < 24:
+        raise DigitError("no digit found: the image has no ink that stands out from its background")
+    ink = np.clip(ink / peak, 0, 1)
+    steps.append("background removed, contrast stretched")
+    rows, cols = np.nonzero(ink > _INK_THRESHOLD)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    crop = ink[top:bottom, left:right]
+    steps.append(f"cropped to the ink: {right - left}x{bottom - top} at ({left}, {top})")
+    side = max(crop.shape)
+    width = _stroke_width(crop > 0.5)
+    wanted = _STROKE_FRACTION * side
+    if side > MNIST_BOX and width < 0.6 * wanted:
+        k = int(round(wanted - width)) | 1  # odd
+        crop = np.asarray(Image.fromarray(crop, "F").filter(ImageFilter.MaxFilter(k)))
+        steps.append(f"strokes thickened ({width:.1f} px -> ~{width + k - 1:.1f} px of {side})")
+    scale = MNIST_BOX / side
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    small = np.clip(np.asarray(Image.fromarray(crop, "F").resize(size, method)), 0, 1)
+    if small.max() > 0:
+        small = small / small.max()
+    steps.append(f"scaled to {size[0]}x{size[1]} (fits 20x20)")
+    out = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
+    total = small.sum()
+    ys, xs = np.indices(small.shape)
+    cy, cx = (ys * small).sum() / total, (xs * small).sum() / total
+    oy, ox = int(round(MNIST_SIZE / 2 - cy)), int(round(MNIST_SIZE / 2 - cx))
+    y0, x0 = max(oy, 0), max(ox, 0)
+    y1, x1 = min(oy + small.shape[0], MNIST_SIZE), min(ox + small.shape[1], MNIST_SIZE)
+    out[y0:y1, x0:x1] = small[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+    steps.append("centred by mass in 28x28")
+    return Preprocessed(out, "mnist", tuple(steps))
+
+
+def _flatten_alpha(img: Image.Image, steps: list[str]) -> Image.Image:
+    """Transparent pixels become the background the ink stands out from (a canvas drawing's strokes on nothing)."""
+    if img.mode not in ("RGBA", "LA", "PA") and not (img.mode == "P" and "transparency" in img.info):
+        return img
+    rgba = img.convert("RGBA")
+    alpha = np.asarray(rgba)[..., 3]
+    gray = np.asarray(rgba.convert("L"), dtype=np.float32)
+    opaque = alpha > 127
+    if alpha.min() == 255:
+        return rgba.convert("RGB")
+    ink_is_dark = bool(opaque.any()) and float(gray[opaque].mean()) < 128
+    background = (255, 255, 255) if ink_is_dark else (0, 0, 0)
+    canvas = Image.new("RGB", rgba.size, background)
+    canvas.paste(rgba, mask=rgba.getchannel("A"))
+    steps.append(f"transparency flattened onto {'white' if ink_is_dark else 'black'}")
+    return canvas
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    w = max(1, min(a.shape) // 20)
+    return np.concatenate([a[:w].ravel(), a[-w:].ravel(), a[:, :w].ravel(), a[:, -w:].ravel()])
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """Mean stroke width: twice the ink area over its boundary length (exact for long straight strokes)."""
+    area = int(mask.sum())
+    if area == 0:
+        return 0.0
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1]
+    edge = inner & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return 2.0 * area / max(int(edge.sum()), 1)
+
+
+def pixels_to_image(values: object) -> np.ndarray:
+    """A 28x28 nested list of 0..255 ints or 0..1 floats -> (28, 28) uint8; DigitError otherwise.
+
+    Values above 1 anywhere mean the 0..255 scale; otherwise 0..1 (so an all-0/1 array is binary 0..1).
+    """
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise DigitError("pixels must be 28 rows of 28 numbers") from None
+    if arr.shape != (MNIST_SIZE, MNIST_SIZE):
+        raise DigitError(f"pixels must be 28 rows of 28 numbers, got shape {list(arr.shape)}")
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
+        raise DigitError("pixels must be finite and within 0..255 (or 0..1)")
+    scaled = arr if arr.max() > 1 else arr * 255
+    return np.rint(scaled).astype(np.uint8)
+
+
+# --- serving ---------------------------------------------------------------------------------------------------
+
+MODEL_NAMES = ("cnn", "mlp")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # (10,) float32, sums to 1
+    preprocessed: Preprocessed
+
+    @property
+    def label(self) -> int:
+        return int(self.probabilities.argmax())
+
+    def top_k(self, k: int) -> list[tuple[int, float]]:
+        order = np.argsort(-self.probabilities, kind="stable")[:k]
+        return [(int(i), float(self.probabilities[i])) for i in order]
+
+
+class Classifier:
+    """One trained net with its model card; a copy per device, made on first use."""
+
+    def __init__(self, name: str, model: nn.Module, card: dict[str, Any]) -> None:
+        self.name = name
+        self.card = card
+        self._models: dict[torch.device, nn.Module] = {torch.device("cpu"): model.eval()}
+        self._lock = threading.Lock()
+
+    def on(self, device: torch.device) -> nn.Module:
+        model = self._models.get(device)
+        if model is None:
+            with self._lock:
+                model = self._models.get(device)
+                if model is None:
+                    model = copy.deepcopy(self._models[torch.device("cpu")]).to(device).eval()
+                    self._models[device] = model
+        return model
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """`(N, 1, 28, 28)` in [0, 1] on the device to use -> `(N, 10)` softmax probabilities."""
+        return torch.softmax(self.on(batch.device)(batch), dim=1)
+
+    def predict(self, digits: Sequence[Preprocessed], device: torch.device) -> list[Prediction]:
+        batch = torch.from_numpy(np.stack([d.pixels for d in digits])).unsqueeze(1).to(device)
+        with torch.inference_mode():
+            probs = self.probabilities(batch).cpu().numpy()
+        return [Prediction(p, d) for p, d in zip(probs, digits, strict=True)]
+
+
+def load_classifier(name: str, directory: Path = MODELS_DIR) -> Classifier:
+    """Weights (safetensors: no code runs on load) and card; the card's SHA-256 must match the weights."""
+    if name not in MODEL_NAMES:  # names never reach the filesystem unchecked
+        raise UnknownModelError(f"unknown model {name!r}; models: {', '.join(MODEL_NAMES)}")
+    weights = directory / f"mnist-{name}.safetensors"
+    card = json.loads((directory / f"mnist-{name}.json").read_text())
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != card["weights"]["sha256"]:
+        raise RuntimeError(f"{weights}: SHA-256 {digest} does not match its model card")
+    with safe_open(str(weights), framework="pt") as f:
+        config = json.loads((f.metadata() or {})["config"])
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    model = nets.NETS[name](nets.NetConfig(**config))
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    card["layers"] = layer_table(model)
+    return Classifier(name, model, card)
+
+
+class Registry:
+    """The served models, loaded once (at start-up, off the event loop); empty until then."""
+
+    def __init__(self) -> None:
+        self._classifiers: dict[str, Classifier] = {}
+        self._loaded = threading.Event()
+
+    def load(self, directory: Path = MODELS_DIR) -> None:
+        self._classifiers = {name: load_classifier(name, directory) for name in MODEL_NAMES}
+        self._loaded.set()
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set()
+
+    def names(self) -> list[str]:
+        return list(self._classifiers)
+
+    def get(self, name: str, loc: Loc | None = None) -> Classifier:
+        """The model called `name`; `loc` is the request field that named it (None for a path)."""
+        if not self._loaded.is_set():
+            raise ModelsLoadingError("the models are still loading; retry in a moment")
+        try:
+            return self._classifiers[name]
+        except KeyError:
+            models = ", ".join(self._classifiers)
+            raise UnknownModelError(f"unknown model {name!r}; models: {models}", loc) from None
+
+
+# --- the trained CNN seen from inside ---------------------------------------------------------------------------
+
+
+def cnn_featuremaps(
+    classifier: Classifier, digit: Preprocessed, device: torch.device, stages: Sequence[int] | None
+) -> tuple[PipelineResult, Prediction]:
+    """Every conv, ReLU and pool activation of the CNN's `features` for one digit, and its prediction."""
+    model = classifier.on(device)
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        raise NoFeatureMapsError(f"model {classifier.name!r} has no convolutional layers to show; use 'cnn'")
+    x = torch.from_numpy(digit.pixels)[None, None].to(device)
+    layers = list(features)
+    if stages is not None:
+        for k, s in enumerate(stages):
+            if not 0 <= s < len(layers):
+                raise PipelineSpecError.at(
+                    ("output", "stages", k), f"stage {s} does not exist; the model has stages 0..{len(layers) - 1}"
+                )
+    with torch.inference_mode():
+        h = (x - nets.MNIST_MEAN) / nets.MNIST_STD
+        outputs: list[torch.Tensor] = []
+        for layer in layers:
+            h = layer(h)
+            outputs.append(h[0])
+        probs = torch.softmax(model(x), dim=1)[0].cpu().numpy()
+    results = []
+    conv_count = 0
+    names: list[str] = []
+    for i, (layer, out) in enumerate(zip(layers, outputs, strict=True)):
+        op = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.MaxPool2d: "pool"}.get(type(layer), type(layer).__name__.lower())
+        if op == "conv":
+            conv_count += 1
+            names = [f"conv{conv_count}[{c}]" for c in range(out.shape[0])]
+        shape = (int(out.shape[0]), int(out.shape[1]), int(out.shape[2]))
+        results.append(StageResult(StagePlan(i, op, shape, tuple(names)), out))
+    first = layers[0]
+    assert isinstance(first, nn.Conv2d)
+    kernels = first.weight.detach().cpu().numpy()  # (16, 1, 5, 5): one input channel, so 2-D kernels
+    filters = tuple(Filter(f"conv1[{c}]", kernels[c, 0]) for c in range(kernels.shape[0]))
+    wanted = range(len(results)) if stages is None else stages
+    result = PipelineResult(device, (1, MNIST_SIZE, MNIST_SIZE), tuple(results[i] for i in wanted), {0: filters})
+    return result, Prediction(probs, digit)
+
+
+def prepare_digit(value: bytes | Sequence[Sequence[float]], preprocess: str, max_pixels: int, loc: Loc) -> Preprocessed:
+    """An encoded image or 28x28 pixel values -> the model's input; errors name `loc` (e.g. `images[3]`)."""
+    try:
+        if isinstance(value, bytes):
+            img = imaging.decode_image(value, max_pixels)
+        else:
+            img = Image.fromarray(pixels_to_image(value), "L")
+        return preprocess_mnist(img) if preprocess == "mnist" else preprocess_none(img)
+    except FeatureMapError as e:
+        e.loc = e.loc or loc
+        raise

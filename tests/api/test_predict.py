@@ -1,0 +1,348 @@
+"""/v1/predict, /predict and /v1/models through TestClient: every input form and every error."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.config import Settings
+from service.datasets import load_mnist
+from service.main import create_app
+from service.readiness import Readiness, warm_up
+from tests.api.test_errors import assert_problem
+from tests.conftest import make_client
+
+TEST = load_mnist("test")
+LABELS = TEST.labels[:8].tolist()
+
+
+def as_png(pixels: np.ndarray, invert: bool = False, size: int = 28) -> bytes:
+    img = Image.fromarray(255 - pixels if invert else pixels).resize((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+DRAWN = [as_png(TEST.images[i], invert=True, size=224) for i in range(8)]  # dark on white, 8x larger
+B64 = [base64.b64encode(b).decode() for b in DRAWN]
+
+
+def check_prediction(p: dict[str, Any], label: int, top_k: int = 3) -> None:
+    assert p["label"] == label
+    assert len(p["probabilities"]) == 10 and sum(p["probabilities"]) == pytest.approx(1, abs=1e-5)
+    assert p["confidence"] == p["probabilities"][label] == max(p["probabilities"])
+    assert [t["label"] for t in p["top_k"]][0] == label and len(p["top_k"]) == top_k
+    assert [t["probability"] for t in p["top_k"]] == sorted((t["probability"] for t in p["top_k"]), reverse=True)
+
+
+@pytest.mark.parametrize("path", ["/v1/predict", "/predict"])
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_multipart_upload(client: TestClient, path: str, model: str) -> None:
+    r = client.post(path, files={"image": ("d.png", DRAWN[0], "image/png")}, data={"model": model, "top_k": "4"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == model and body["device"] == "cpu"
+    check_prediction(body, LABELS[0], top_k=4)
+    assert body["preprocessing"]["mode"] == "mnist" and "inverted (light background)" in body["preprocessing"]["steps"]
+    assert "input_image" not in body or body["input_image"] is None
+
+
+def test_defaults_to_the_cnn(client: TestClient) -> None:
+    r = client.post("/predict", files={"image": ("d.png", DRAWN[1])})
+    assert r.status_code == 200 and r.json()["model"] == "cnn"
+    check_prediction(r.json(), LABELS[1])
+
+
+def test_json_base64_with_the_input_the_model_saw(client: TestClient) -> None:
+    r = client.post("/v1/predict", json={"model": "cnn", "image": B64[2], "include_input": True, "top_k": 1})
+    assert r.status_code == 200, r.text
+    check_prediction(r.json(), LABELS[2], top_k=1)
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["input_image"]))))
+    assert seen.shape == (28, 28) and seen.max() == 255 and seen[0].max() == 0  # white on black, margins
+
+
+@pytest.mark.parametrize("scale", ["0..255", "0..1"])
+def test_json_pixels(client: TestClient, scale: str) -> None:
+    pixels = TEST.images[3].tolist() if scale == "0..255" else (TEST.images[3] / 255).tolist()
+    r = client.post("/v1/predict", json={"model": "mlp", "pixels": pixels, "preprocess": "none"})
+    assert r.status_code == 200, r.text
+    check_prediction(r.json(), LABELS[3])
+    assert r.json()["preprocessing"] == {"mode": "none", "steps": ["grayscale", "scaled to [0, 1]"]}
+
+
+def test_batch_mixes_images_and_pixels_and_keeps_order(client: TestClient) -> None:
+    images: list[Any] = [B64[4], TEST.images[5].tolist(), B64[6], TEST.images[7].tolist()]
+    r = client.post("/v1/predict", json={"model": "cnn", "images": images, "top_k": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "cnn" and len(body["predictions"]) == 4
+    for p, label in zip(body["predictions"], LABELS[4:8], strict=True):
+        check_prediction(p, label, top_k=2)
+
+
+def test_batch_answers_match_single_answers(client: TestClient) -> None:
+    batch = client.post("/v1/predict", json={"images": B64[:3]}).json()["predictions"]
+    for b64, p in zip(B64[:3], batch, strict=True):
+        single = client.post("/v1/predict", json={"image": b64}).json()
+        np.testing.assert_allclose(single["probabilities"], p["probabilities"], rtol=1e-5, atol=1e-7)
+
+
+def test_models_list_and_card(client: TestClient) -> None:
+    models = client.get("/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["cnn", "mlp"]
+    card = client.get("/v1/models/cnn").json()
+    assert card["test_accuracy"] >= 0.994 and len(card["weights"]["sha256"]) == 64
+    assert [layer["type"] for layer in card["layers"]][:3] == ["Conv2d", "ReLU", "MaxPool2d"]
+    assert card["layers"][0]["output_shape"] == [16, 28, 28]
+    assert client.get("/v1/models/mlp").json()["layers"][-1]["output_shape"] == [10]
+
+
+def test_cnn_featuremaps_layer_by_layer(client: TestClient) -> None:
+    r = client.post("/v1/models/cnn/featuremaps", files={"image": ("d.png", DRAWN[0])})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(s["op"], s["shape"]) for s in body["stages"]] == [
+        ("conv", [16, 28, 28]), ("relu", [16, 28, 28]), ("pool", [16, 14, 14]),
+        ("conv", [32, 14, 14]), ("relu", [32, 14, 14]), ("pool", [32, 7, 7]),
+        ("conv", [64, 7, 7]), ("relu", [64, 7, 7]), ("pool", [64, 3, 3]),
+    ]  # fmt: skip
+    assert body["input"] == {"height": 28, "width": 28, "channels": 1}
+    kernels = body["filters"][0]["filters"]
+    assert len(kernels) == 16 and np.asarray(kernels[0]["kernel"]).shape == (5, 5)
+    assert body["model"] == "cnn" and body["prediction"]["label"] == LABELS[0]
+    single = client.post("/v1/predict", json={"image": B64[0]}).json()
+    np.testing.assert_allclose(body["prediction"]["probabilities"], single["probabilities"], rtol=1e-5, atol=1e-7)
+
+
+def test_cnn_featuremaps_json_stages_and_montage(client: TestClient) -> None:
+    spec = {"output": {"format": "json", "stages": [1]}, "preprocess": "none"}
+    r = client.post(
+        "/v1/models/cnn/featuremaps", json={"image": base64.b64encode(as_png(TEST.images[0])).decode(), **spec}
+    )
+    assert r.status_code == 200, r.text
+    stage = r.json()["stages"][0]
+    assert stage["index"] == 1 and np.asarray(stage["data"]).shape == (16, 28, 28) and stage["min"] >= 0
+    r = client.post("/v1/models/cnn/featuremaps", files={"image": ("d.png", DRAWN[0])}, headers={"Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+# (id, request kwargs, status, problem type, field, fragment)
+PREDICT_ERRORS: list[tuple[str, dict[str, Any], int, str, str | None, str]] = [
+    ("unknown model, JSON", {"json": {"model": "resnet", "image": B64[0]}}, 422, "unknown-model", "model", "cnn, mlp"),
+    (
+        "unknown model, form",
+        {"files": {"image": ("d.png", DRAWN[0])}, "data": {"model": "resnet"}},
+        422,
+        "unknown-model",
+        "model",
+        "cnn, mlp",
+    ),
+    (
+        "bad model name",
+        {"json": {"model": "../etc/passwd", "image": B64[0]}},
+        422,
+        "invalid-request",
+        "model",
+        "pattern",
+    ),
+    ("pixels 27 rows", {"json": {"pixels": [[0] * 28] * 27}}, 422, "invalid-digit", "pixels", "28 rows of 28"),
+    (
+        "pixels ragged",
+        {"json": {"pixels": [[0] * 28] * 27 + [[0] * 3]}},
+        422,
+        "invalid-digit",
+        "pixels",
+        "28 rows of 28",
+    ),
+    ("pixels over 255", {"json": {"pixels": [[300] * 28] * 28}}, 422, "invalid-digit", "pixels", "0..255"),
+    ("pixels not numbers", {"json": {"pixels": [["a"] * 28] * 28}}, 422, "invalid-request", "pixels[0][0]", "number"),
+    ("empty batch", {"json": {"images": []}}, 422, "invalid-request", "images", "at least 1"),
+    ("batch over the limit", {"json": {"images": [B64[0]] * 65}}, 413, "limit-exceeded", "images", "limit is 64"),
+    ("bad item in a batch", {"json": {"images": [B64[0], "%%%"]}}, 422, "invalid-request", "images[1]", "base64"),
+    (
+        "blank item in a batch",
+        {"json": {"images": [B64[0], [[0] * 28] * 28]}},
+        422,
+        "invalid-digit",
+        "images[1]",
+        "no digit",
+    ),
+    ("no input", {"json": {"model": "cnn"}}, 422, "invalid-request", "image", "exactly one"),
+    (
+        "two inputs",
+        {"json": {"image": B64[0], "pixels": [[0] * 28] * 28}},
+        422,
+        "invalid-request",
+        "pixels",
+        "exactly one",
+    ),
+    ("top_k 0", {"json": {"image": B64[0], "top_k": 0}}, 422, "invalid-request", "top_k", "greater than or equal to 1"),
+    (
+        "top_k 11, form",
+        {"files": {"image": ("d.png", DRAWN[0])}, "data": {"top_k": "11"}},
+        422,
+        "invalid-request",
+        "top_k",
+        "less than or equal to 10",
+    ),
+    (
+        "top_k word, form",
+        {"files": {"image": ("d.png", DRAWN[0])}, "data": {"top_k": "three"}},
+        422,
+        "invalid-request",
+        "top_k",
+        "integer",
+    ),
+    (
+        "unknown preprocess",
+        {"json": {"image": B64[0], "preprocess": "magic"}},
+        422,
+        "invalid-request",
+        "preprocess",
+        "'mnist' or 'none'",
+    ),
+    ("none needs 28x28", {"json": {"image": B64[0], "preprocess": "none"}}, 422, "invalid-digit", "image", "28x28"),
+    (
+        "blank image",
+        {"files": {"image": ("d.png", as_png(np.zeros((28, 28), np.uint8)))}},
+        422,
+        "invalid-digit",
+        "image",
+        "no digit",
+    ),
+    ("not an image", {"files": {"image": ("d.txt", b"seven")}}, 415, "unsupported-media-type", "image", "PNG"),
+    (
+        "unknown form field",
+        {"files": {"image": ("d.png", DRAWN[0])}, "data": {"modle": "cnn"}},
+        422,
+        "invalid-request",
+        "modle",
+        "unknown form field",
+    ),
+    (
+        "missing device",
+        {"json": {"image": B64[0], "device": "cuda:3"}},
+        422,
+        "device-unavailable",
+        "device",
+        "available",
+    ),
+    (
+        "text body",
+        {"content": b"7", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "unsupported-media-type",
+        None,
+        "multipart",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "kind", "field", "fragment"),
+    [c[1:] for c in PREDICT_ERRORS],
+    ids=[c[0] for c in PREDICT_ERRORS],
+)
+def test_predict_errors(
+    client: TestClient, kwargs: dict[str, Any], status: int, kind: str, field: str | None, fragment: str
+) -> None:
+    assert_problem(client.post("/v1/predict", **kwargs), status, kind, field, fragment)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "kind", "fragment"),
+    [
+        ("GET", "/v1/models/resnet", {}, 404, "unknown-model", "cnn, mlp"),
+        ("GET", "/v1/models/..%2F..%2Fetc", {}, 404, "about:blank", "no route"),
+        ("GET", "/v1/models/UPPER", {}, 422, "invalid-request", "pattern"),
+        (
+            "POST",
+            "/v1/models/mlp/featuremaps",
+            {"files": {"image": ("d.png", DRAWN[0])}},
+            404,
+            "no-feature-maps",
+            "no convolutional layers",
+        ),
+        (
+            "POST",
+            "/v1/models/resnet/featuremaps",
+            {"files": {"image": ("d.png", DRAWN[0])}},
+            404,
+            "unknown-model",
+            "cnn, mlp",
+        ),
+        (
+            "POST",
+            "/v1/models/cnn/featuremaps",
+            {"json": {"image": B64[0], "output": {"stages": [9]}}},
+            422,
+            "invalid-spec",
+            "stages 0..8",
+        ),
+        (
+            "POST",
+            "/v1/models/cnn/featuremaps",
+            {"json": {"image": B64[0], "layers": []}},
+            422,
+            "invalid-request",
+            "Extra inputs",
+        ),
+    ],
+)
+def test_models_errors(
+    client: TestClient, method: str, path: str, kwargs: dict[str, Any], status: int, kind: str, fragment: str
+) -> None:
+    assert_problem(client.request(method, path, **kwargs), status, kind, None, fragment)
+
+
+def test_batch_limit_is_configurable() -> None:
+    with make_client(max_batch=2) as small:
+        r = small.post("/v1/predict", json={"images": B64[:3]})
+        assert_problem(r, 413, "limit-exceeded", "images", "limit is 2")
+        assert small.post("/v1/predict", json={"images": B64[:2]}).status_code == 200
+
+
+def test_not_ready_until_the_models_are_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+
+    def gated(readiness: Readiness, *args: Any) -> None:
+        gate.wait(30)
+        warm_up(readiness, *args)
+
+    monkeypatch.setattr("service.main.warm_up", gated)
+    with TestClient(create_app(Settings(warmup=True))) as c:
+        assert c.get("/readyz").status_code == 503
+        r = c.post("/v1/predict", json={"image": B64[0]})
+        assert_problem(r, 503, "models-loading", None, "loading")
+        assert r.headers["retry-after"] == "1"
+        gate.set()
+        assert c.app_state["readiness"].wait(30)
+        assert c.post("/v1/predict", json={"image": B64[0]}).status_code == 200
+
+
+def test_missing_weights_keep_the_service_not_ready(tmp_path: Any) -> None:
+    with TestClient(create_app(Settings(warmup=True, models_dir=tmp_path))) as c:
+        for _ in range(300):
+            if c.get("/readyz").json()["status"] != "starting":
+                break
+            threading.Event().wait(0.01)
+        assert c.get("/readyz").status_code == 503 and c.get("/readyz").json() == {"status": "unavailable"}
+        assert c.get("/healthz").status_code == 200
+
+
+def test_form_fields_are_documented_in_openapi(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    form = doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "model", "top_k", "preprocess", "device", "include_input"} <= set(form["properties"])
+    alias, versioned = doc["paths"]["/predict"]["post"], doc["paths"]["/v1/predict"]["post"]
+    assert (
+        alias["requestBody"] == versioned["requestBody"] and alias["responses"].keys() == versioned["responses"].keys()
+    )
+    assert alias["operationId"] == "predict_digit_unversioned" and versioned["operationId"] == "predict_digit"

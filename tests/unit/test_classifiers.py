@@ -1,0 +1,218 @@
+"""The MNIST side: data files, nets, the shipped weights against their cards, and digit preprocessing."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from service import classifiers, nets
+from service.classifiers import MODELS_DIR, Preprocessed, preprocess_mnist, preprocess_none
+from service.datasets import MNIST_DIR, DatasetError, load_mnist
+from service.errors import DigitError
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture(scope="module")
+def test_set():  # type: ignore[no-untyped-def]
+    return load_mnist("test")
+
+
+@pytest.fixture(scope="module")
+def cnn() -> classifiers.Classifier:
+    return classifiers.load_classifier("cnn")
+
+
+def test_mnist_loads_verified_and_parsed(test_set) -> None:  # type: ignore[no-untyped-def]
+    assert test_set.images.shape == (10_000, 28, 28) and test_set.images.dtype == np.uint8
+    assert test_set.labels[:5].tolist() == [7, 2, 1, 0, 4]  # the widely published first test labels
+    assert np.bincount(test_set.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert load_mnist("train").images.shape == (60_000, 28, 28)
+
+
+def test_a_tampered_data_file_is_refused(tmp_path: Path) -> None:
+    for f in MNIST_DIR.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    sums = (tmp_path / "SHA256SUMS").read_text().replace("0fa7898d", "00000000")
+    (tmp_path / "SHA256SUMS").write_text(sums)
+    with pytest.raises(DatasetError, match="does not match"):
+        load_mnist("test", tmp_path)
+
+
+def test_mlp_is_the_tutorials_784_512_512_10() -> None:
+    mlp = nets.build("mlp")
+    assert [(m.in_features, m.out_features) for m in mlp.modules() if isinstance(m, torch.nn.Linear)] == [
+        (784, 512),
+        (512, 512),
+        (512, 10),
+    ]
+    assert mlp.dropout.p == 0.2
+
+
+def test_cnn_is_small() -> None:
+    cnn = nets.build("cnn")
+    assert nets.parameter_count(cnn) <= 300_000
+    assert cnn(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_shipped_weights_reproduce_their_cards(name: str, test_set) -> None:  # type: ignore[no-untyped-def]
+    card = json.loads((MODELS_DIR / f"mnist-{name}.json").read_text())
+    weights = MODELS_DIR / card["weights"]["file"]
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == card["weights"]["sha256"]
+    classifier = classifiers.load_classifier(name)
+    assert classifiers.evaluate(classifier.on(torch.device("cpu")), test_set) == card["test_accuracy"]
+    assert card["test_accuracy"] >= {"mlp": 0.983, "cnn": 0.994}[name]
+    assert card["parameters"] == nets.parameter_count(classifier.on(torch.device("cpu")))
+    assert card["training"]["command"].startswith(f"python -m service.train {name}")
+    assert card["torch_version"] and card["training"]["seed"] == 0 and not card["training"]["dry_run"]
+
+
+def test_weights_whose_hash_differs_from_the_card_are_refused(tmp_path: Path) -> None:
+    for f in MODELS_DIR.glob("mnist-mlp.*"):
+        shutil.copy(f, tmp_path / f.name)
+    card = json.loads((tmp_path / "mnist-mlp.json").read_text())
+    card["weights"]["sha256"] = "0" * 64
+    (tmp_path / "mnist-mlp.json").write_text(json.dumps(card))
+    with pytest.raises(RuntimeError, match="does not match"):
+        classifiers.load_classifier("mlp", tmp_path)
+
+
+# --- preprocessing ---------------------------------------------------------------------------------------------
+
+
+def canvas(size: tuple[int, int], background: int | tuple[int, ...], mode: str = "L") -> Image.Image:
+    return Image.new(mode, size, background)
+
+
+def draw_seven(img: Image.Image, box: tuple[int, int, int, int], width: int, ink: int | tuple[int, ...]) -> Image.Image:
+    x0, y0, x1, y1 = box
+    d = ImageDraw.Draw(img)
+    d.line([(x0, y0), (x1, y0), (x0 + (x1 - x0) // 3, y1)], fill=ink, width=width)
+    return img
+
+
+def assert_mnist_like(p: Preprocessed) -> None:
+    """White digit on black, fits 20x20, centre of mass at the centre, full contrast."""
+    px = p.pixels
+    assert px.shape == (28, 28) and px.dtype == np.float32
+    assert px.min() == 0.0 and px.max() == pytest.approx(1.0)
+    rows, cols = np.nonzero(px > 0.05)
+    assert rows.max() - rows.min() + 1 <= 21 and cols.max() - cols.min() + 1 <= 21
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 >= 18  # scaled up to the box
+    ys, xs = np.indices(px.shape)
+    cy, cx = (ys * px).sum() / px.sum(), (xs * px).sum() / px.sum()
+    assert abs(cy - 14) <= 0.75 and abs(cx - 14) <= 0.75
+
+
+CASES = {
+    "dark on white": draw_seven(canvas((300, 300), 255), (60, 60, 240, 250), 18, 0),
+    "light on black": draw_seven(canvas((300, 300), 0), (60, 60, 240, 250), 18, 255),
+    "off-centre": draw_seven(canvas((500, 300), 255), (330, 20, 480, 140), 10, 0),
+    "thin strokes": draw_seven(canvas((400, 400), 255), (50, 50, 350, 350), 2, 0),
+    "thick strokes": draw_seven(canvas((300, 300), 255), (40, 40, 260, 260), 40, 0),
+    "gray paper, gray pen": draw_seven(canvas((300, 300), 200), (60, 60, 240, 250), 14, 90),
+    "RGB blue ink": draw_seven(canvas((300, 300), (250, 250, 240), "RGB"), (60, 60, 240, 250), 16, (20, 30, 160)),
+    "RGBA dark strokes on transparent": draw_seven(
+        canvas((280, 280), (0, 0, 0, 0), "RGBA"), (50, 50, 230, 240), 16, (0, 0, 0, 255)
+    ),
+    "RGBA white strokes on transparent": draw_seven(
+        canvas((280, 280), (0, 0, 0, 0), "RGBA"), (50, 50, 230, 240), 16, (255, 255, 255, 255)
+    ),
+    "tiny": draw_seven(canvas((12, 12), 255), (2, 2, 10, 10), 1, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_preprocess_mnist_makes_any_drawing_mnist_like(name: str, cnn: classifiers.Classifier) -> None:
+    p = preprocess_mnist(CASES[name])
+    assert_mnist_like(p)
+    assert p.mode == "mnist" and p.steps[-1] == "centred by mass in 28x28"
+    if name != "tiny":
+        assert cnn.predict([p], torch.device("cpu"))[0].label == 7, p.steps
+
+
+def test_preprocess_reports_inversion_and_thickening() -> None:
+    assert "inverted (light background)" in preprocess_mnist(CASES["dark on white"]).steps
+    assert "inverted (light background)" not in preprocess_mnist(CASES["light on black"]).steps
+    assert any(s.startswith("strokes thickened") for s in preprocess_mnist(CASES["thin strokes"]).steps)
+    assert not any(s.startswith("strokes thickened") for s in preprocess_mnist(CASES["thick strokes"]).steps)
+    assert any("transparency" in s for s in preprocess_mnist(CASES["RGBA dark strokes on transparent"]).steps)
+
+
+@pytest.mark.parametrize("img", [canvas((50, 50), 255), canvas((50, 50), 0), canvas((40, 40), (0, 0, 0, 0), "RGBA")])
+def test_blank_images_are_digit_errors(img: Image.Image) -> None:
+    with pytest.raises(DigitError, match="no digit"):
+        preprocess_mnist(img)
+
+
+def test_preprocess_mnist_leaves_an_mnist_digit_almost_unchanged(test_set) -> None:  # type: ignore[no-untyped-def]
+    for i in range(20):
+        p = preprocess_mnist(Image.fromarray(test_set.images[i]))
+        assert np.abs(p.pixels - test_set.images[i] / 255).mean() < 0.08
+
+
+def test_preprocess_none_scales_only_and_needs_28x28(test_set) -> None:  # type: ignore[no-untyped-def]
+    p = preprocess_none(Image.fromarray(test_set.images[0]))
+    np.testing.assert_array_equal(p.pixels, test_set.images[0].astype(np.float32) / np.float32(255))
+    with pytest.raises(DigitError, match="28x28"):
+        preprocess_none(canvas((29, 28), 0))
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.full((28, 28), 255).tolist(), 255),
+        (np.full((28, 28), 1.0).tolist(), 255),
+        (np.full((28, 28), 0.5).tolist(), 128),
+        (np.full((28, 28), 3).tolist(), 3),
+    ],
+)
+def test_pixels_scale_is_0_255_or_0_1(values: list[list[float]], expected: int) -> None:
+    assert int(classifiers.pixels_to_image(values)[0, 0]) == expected
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [[0] * 28] * 27,
+        [[0] * 27] * 28,
+        [[0] * 28] * 27 + [[0] * 27 + [float("nan")]],
+        [[0] * 28] * 27 + [[0] * 27 + [256]],
+        [[0] * 28] * 27 + [[-1] * 28],
+        "x",
+    ],
+    ids=["27 rows", "27 columns", "nan", "over 255", "negative", "string"],
+)
+def test_bad_pixels_are_digit_errors(values: object) -> None:
+    with pytest.raises(DigitError):
+        classifiers.pixels_to_image(values)
+
+
+def redrawn(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """An MNIST digit the way users send one: dark on white, several times larger, off-centre, as a JPEG."""
+    side = int(28 * rng.uniform(4, 10))
+    big = Image.fromarray(255 - digit).resize((side, side), Image.Resampling.BICUBIC)
+    width, height = side + int(rng.integers(20, 300)), side + int(rng.integers(20, 300))
+    page = Image.new("L", (width, height), 255)
+    page.paste(big, (int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))))
+    buf = io.BytesIO()
+    page.convert("RGB").save(buf, "JPEG", quality=70)
+    return buf.getvalue()
+
+
+def test_cnn_keeps_97_percent_on_redrawn_test_digits(test_set, cnn: classifiers.Classifier) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    n = 1000
+    digits = [classifiers.prepare_digit(redrawn(test_set.images[i], rng), "mnist", 10**8, ("image",)) for i in range(n)]
+    predictions = cnn.predict(digits, torch.device("cpu"))
+    accuracy = np.mean([p.label == test_set.labels[i] for i, p in enumerate(predictions)])
+    assert accuracy >= 0.97, accuracy
