@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.classifiers import MODELS_DIR
 from service.pipeline import Limits
@@ -25,8 +26,29 @@ class Settings(BaseSettings):
     max_macs: int = Field(20_000_000_000, ge=1, description="Most multiply-adds one request may cost (413).")
     max_batch: int = Field(64, ge=1, description="Most digits in one /v1/predict batch (413).")
     models_dir: Path = Field(MODELS_DIR, description="Where mnist-{name}.safetensors and .json live.")
+    max_concurrency: int = Field(2, ge=1, description="Requests computing at once (the rest wait in the queue).")
+    max_queue: int = Field(32, ge=0, description="Requests that may wait for a compute slot; more get 503.")
+    queue_wait_s: float = Field(10.0, gt=0, description="Longest wait for a compute slot before a 503.")
+    compute_timeout_s: float = Field(30.0, gt=0, description="Longest compute of one request before a 504.")
+    body_timeout_s: float = Field(60.0, gt=0, description="Longest time for a request body to arrive (408).")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated API keys; when set, every /v1 route needs one."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS (`*` for any); none by default."
+    )
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, description="On SIGTERM, seconds to keep serving with /readyz at 503 before shutting down."
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     warmup: bool = Field(True, description="Run a small pipeline at start-up before /readyz turns 200.")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     def limits(self) -> Limits:
         return Limits(

@@ -9,6 +9,10 @@ FeatureMapError                  (every one may carry `loc`, the request field a
  ├── UnknownModelError           no model of that name
  │    └── NoFeatureMapsError     the model has no convolutional layers to show
  ├── ModelsLoadingError          the models are not loaded yet (retry shortly)
+ ├── OverloadedError             too many requests in flight and queued (retry shortly)
+ ├── ComputeTimeoutError         the work passed the per-request compute limit
+ ├── RequestTimeoutError         the client sent its body too slowly
+ ├── UnauthorizedError           an API key is required and missing or wrong
  └── DeviceUnavailableError      the requested device is not present
 """
 
@@ -74,6 +78,26 @@ class NoFeatureMapsError(UnknownModelError):
 
 class ModelsLoadingError(FeatureMapError):
     """The models are still loading at start-up."""
+
+
+class OverloadedError(FeatureMapError):
+    """The service is at its concurrency limit and its queue is full; `retry_after` is in seconds."""
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail)
+
+
+class ComputeTimeoutError(FeatureMapError):
+    """The request's work passed the configured compute time limit and was stopped."""
+
+
+class RequestTimeoutError(FeatureMapError):
+    """The request body did not arrive within the configured time."""
+
+
+class UnauthorizedError(FeatureMapError):
+    """An API key is required and the request has none, or a wrong one."""
 
 
 class DeviceUnavailableError(FeatureMapError):

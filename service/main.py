@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from types import FrameType
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
@@ -21,11 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from service import __version__
+from service.admission import Admission
 from service.api import featuremaps, filters, health, models, predict
+from service.api import metrics as metrics_api
 from service.api.docs import PROBLEM_JSON
 from service.classifiers import Registry
 from service.config import Settings
 from service.errors import (
+    ComputeTimeoutError,
     DeviceUnavailableError,
     DigitError,
     FeatureMapError,
@@ -34,12 +40,16 @@ from service.errors import (
     Loc,
     ModelsLoadingError,
     NoFeatureMapsError,
+    OverloadedError,
     PipelineSpecError,
+    RequestTimeoutError,
+    UnauthorizedError,
     UnknownModelError,
     UnsupportedMediaError,
     format_loc,
 )
 from service.middleware import BodyLimitMiddleware
+from service.observability import Metrics, RequestContextMiddleware
 from service.readiness import Readiness, warm_up
 from service.schemas import (
     UNION_TAGS,
@@ -62,6 +72,10 @@ PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str], ...] = (
     (UnknownModelError, 404, "unknown-model", "Unknown model"),
     (ModelsLoadingError, 503, "models-loading", "Models loading"),
     (DeviceUnavailableError, 422, "device-unavailable", "Device unavailable"),
+    (OverloadedError, 503, "overloaded", "Overloaded"),
+    (ComputeTimeoutError, 504, "compute-timeout", "Compute time limit passed"),
+    (RequestTimeoutError, 408, "request-timeout", "Request body too slow"),
+    (UnauthorizedError, 401, "unauthorized", "Unauthorized"),
 )
 
 DESCRIPTION = """Shows what a convolutional network sees: post an image and a pipeline of filters, activations and
@@ -137,8 +151,12 @@ def install_problem_handlers(app: FastAPI) -> None:
             extra["available_devices"] = list(exc.available)
         if isinstance(exc, UnknownModelError) and exc.loc:
             status = 422  # a body field naming no model is an invalid field; a path naming none is a 404
-        if isinstance(exc, ModelsLoadingError):
-            headers = {"Retry-After": "1"}
+        if isinstance(exc, ModelsLoadingError | OverloadedError):
+            headers = {"Retry-After": str(getattr(exc, "retry_after", 1))}
+        elif isinstance(exc, UnauthorizedError):
+            headers = {"WWW-Authenticate": 'Bearer realm="featuremap", ApiKey header="X-API-Key"'}
+        elif isinstance(exc, RequestTimeoutError):
+            headers = {"Connection": "close"}
         return problem(status, str(exc), request, slug, title, errors, headers, **extra)
 
     @app.exception_handler(RequestValidationError)
@@ -170,13 +188,47 @@ def install_problem_handlers(app: FastAPI) -> None:
             detail = f"{request.method} is not allowed on {request.url.path}"
         return problem(exc.status_code, detail, request, headers=dict(exc.headers) if exc.headers else None)
 
+    @app.exception_handler(torch.OutOfMemoryError)
+    @app.exception_handler(MemoryError)
+    async def out_of_memory(request: Request, exc: Exception) -> Response:
+        # The request's tensors are gone once its frames unwind; give the allocator's cache back too.
+        log.warning("out of memory on %s %s: %s", request.method, request.url.path, exc)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        detail = "the device ran out of memory for this request; retry later or ask for less"
+        return problem(503, detail, request, "out-of-memory", "Out of memory", headers={"Retry-After": "1"})
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return problem(500, "an unexpected error occurred; it has been logged", request)
+        # This answer bypasses the request-id middleware (it is sent from outside it), so it sets the header.
+        rid = getattr(request.state, "request_id", "")
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc, extra={"request_id": rid})
+        detail = f"an unexpected error occurred; it has been logged with request id {rid}"
+        return problem(500, detail, request, headers={"X-Request-ID": rid})
 
 
 _HTTP_DETAIL = {400: "the request could not be parsed"}
+
+
+def _drain_on_sigterm(readiness: Readiness, delay_s: float) -> Callable[[], None]:
+    """On SIGTERM, turn /readyz to 503 at once, keep serving for `delay_s` (so load balancers stop sending),
+    then hand the signal to the server, which finishes in-flight requests and exits. Returns an undo."""
+    if threading.current_thread() is not threading.main_thread():  # e.g. under TestClient: no signals there
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        readiness.mark_stopping()
+        log.info("SIGTERM: not ready; shutting down in %g s", delay_s)
+        if callable(previous):
+            threading.Timer(delay_s, previous, args=(signum, frame)).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _unique_id(route: APIRoute) -> str:
@@ -187,20 +239,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app around `settings` (read from FEATUREMAP_* variables when not given)."""
     settings = settings or Settings()
 
+    admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_wait_s)
+    metrics = Metrics(admission)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         readiness = Readiness()
         registry = Registry()
+        restore_sigterm = _drain_on_sigterm(readiness, settings.shutdown_delay_s)
         if settings.warmup:
             args = (readiness, registry, settings.models_dir)
             threading.Thread(target=warm_up, args=args, name="warm-up", daemon=True).start()
         else:
             registry.load(settings.models_dir)
             readiness.mark_ready()
-        yield {"settings": settings, "readiness": readiness, "registry": registry}
+        yield {
+            "settings": settings,
+            "readiness": readiness,
+            "registry": registry,
+            "admission": admission,
+            "metrics": metrics,
+        }
         readiness.mark_stopping()
+        restore_sigterm()
 
     app = FastAPI(
         title="Feature Map Service",
@@ -209,11 +272,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=_unique_id,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outermost last: request ids and metrics see everything, CORS answers preflights, the body guard is inner.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Accept", "Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_problem_handlers(app)
-    for router in (health.router, filters.router, featuremaps.router, predict.router, models.router):
+    routers = (health, metrics_api, filters, featuremaps, predict, models)
+    for router in (*(m.router for m in routers), predict.unversioned):
         app.include_router(router)
-    app.include_router(predict.unversioned)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -1,20 +1,25 @@
-"""ASGI middleware: the request body limit, enforced while the body streams in."""
+"""ASGI middleware: the request body's size and time limits, enforced while the body streams in."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import LimitExceededError
+from service.errors import LimitExceededError, RequestTimeoutError
 
 
 class BodyLimitMiddleware:
     """Stops reading a body at `max_bytes`: a declared Content-Length over it fails before any byte is read,
     an undeclared (chunked) body fails as soon as the count passes it. The error surfaces where the route
-    reads the body, so it becomes a 413 problem like any other `LimitExceededError`."""
+    reads the body, so it becomes a 413 problem like any other `LimitExceededError`. A body that has not fully
+    arrived `timeout_s` after the first read is cut off with a 408 (slow clients cannot hold a worker)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -23,16 +28,28 @@ class BodyLimitMiddleware:
         declared = _content_length(scope)
         limit = self.max_bytes
         received = 0
+        deadline: float | None = None
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, deadline, body_done
+            if body_done:  # later reads wait for a disconnect: no limits apply
+                return await receive()
             if declared is not None and declared > limit:
                 raise LimitExceededError(f"the request body is {declared:,} bytes; the limit is {limit:,}")
-            message = await receive()
+            now = time.monotonic()
+            deadline = deadline or now + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - now, 0.001))
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"the request body did not arrive within {self.timeout_s:g} s ({received:,} bytes came)"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise LimitExceededError(f"the request body is over the limit of {limit:,} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.deadline import Deadline
+from service.deadline import check as check_deadline
 from service.errors import FieldIssue, LimitExceededError, Loc, PipelineSpecError
 from service.filters import BANKS, PRESETS
 
@@ -392,10 +394,12 @@ def run_pipeline(
     spec: PipelineSpec,
     limits: Limits,
     stages: Sequence[int] | None = None,
+    deadline: Deadline | None = None,
 ) -> PipelineResult:
     """Run `spec` on `image` `(C, H, W)` float32 (on the device to use); keep the `stages` asked for (all if None).
 
-    Raises `PipelineSpecError`/`LimitExceededError` before any work when the spec cannot run within limits.
+    Raises `PipelineSpecError`/`LimitExceededError` before any work when the spec cannot run within limits, and
+    `ComputeTimeoutError` between stages once `deadline` has passed.
     """
     c, h, w = image.shape
     plans = plan(spec, h, w, limits)
@@ -411,6 +415,7 @@ def run_pipeline(
     x = image
     for p, layer in zip(plans[: last + 1], spec.layers, strict=False):
         x = run_layer(layer, x)
+        check_deadline(deadline, f"computing stage {p.index} ({p.op})")
         if p.index in keep:
             if not bool(torch.isfinite(x).all()):
                 raise PipelineSpecError.at(

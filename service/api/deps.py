@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar, cast
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from service.admission import Admission
 from service.classifiers import Registry
 from service.config import Settings
-from service.errors import LimitExceededError, UnsupportedMediaError
+from service.errors import LimitExceededError, UnauthorizedError, UnsupportedMediaError
 from service.readiness import Readiness
 from service.schemas import (
     FeaturemapsJSONRequest,
@@ -43,6 +47,38 @@ def get_registry(request: Request) -> Registry:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ReadinessDep = Annotated[Readiness, Depends(get_readiness)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of FEATUREMAP_API_KEYS.")
+_bearer = HTTPBearer(auto_error=False, description="One of FEATUREMAP_API_KEYS, as a bearer token.")
+
+
+def require_api_key(
+    settings: SettingsDep,
+    api_key: Annotated[str | None, Security(_api_key_header)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> None:
+    """When API keys are configured, the request must carry one (`X-API-Key` or `Authorization: Bearer`)."""
+    if not settings.api_keys:
+        return
+    given = api_key or (bearer.credentials if bearer else None)
+    if not given:
+        raise UnauthorizedError("this endpoint needs an API key: send X-API-Key or Authorization: Bearer")
+    offered = given.encode()
+    # Compare with every key, always, in constant time each: timing tells nothing about which key or how close.
+    matches = [hmac.compare_digest(offered, key.encode()) for key in settings.api_keys]
+    if not any(matches):
+        raise UnauthorizedError("the API key is not valid")
+
+
+async def compute_slot(request: Request) -> AsyncIterator[None]:
+    """Held while the route computes: bounded concurrency with a bounded queue (503 when it is full)."""
+    admission = cast(Admission, request.state.admission)
+    async with admission.slot():
+        yield
+
+
+ApiKeyDep = Depends(require_api_key)
+ComputeSlotDep = Annotated[None, Depends(compute_slot)]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 

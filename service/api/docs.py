@@ -15,10 +15,12 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "Malformed request (e.g. a broken multipart body)",
         401: "Missing or wrong API key",
         404: "No such resource",
+        408: "The request body arrived too slowly",
         413: "A limit was exceeded (body size, image pixels, output elements, work)",
         415: "Unsupported content type or image format",
         422: "The request is well-formed but invalid; `errors` points at each field",
-        503: "Not ready or overloaded",
+        503: "Overloaded (queue full), models still loading, or out of memory; see Retry-After",
+        504: "The work passed the per-request compute time limit",
     }
     schema = {"$ref": f"#/components/schemas/{Problem.__name__}"}  # published by main's openapi()
     return {

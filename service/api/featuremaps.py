@@ -11,12 +11,18 @@ from starlette.responses import Response
 
 from service import imaging, pipeline
 from service.api import render
-from service.api.deps import FeaturemapsPayloadDep, SettingsDep
+from service.api.deps import ApiKeyDep, ComputeSlotDep, FeaturemapsPayloadDep, SettingsDep
 from service.api.docs import image_request_body, problem_responses
+from service.deadline import Deadline
 from service.devices import resolve_device
 from service.schemas import DEFAULT_LAYERS, FeaturemapsResponse
 
-router = APIRouter(prefix="/v1", tags=["featuremaps"], responses=problem_responses(400, 413, 415, 422))
+router = APIRouter(
+    prefix="/v1",
+    tags=["featuremaps"],
+    dependencies=[ApiKeyDep],
+    responses=problem_responses(400, 401, 408, 413, 415, 422, 503, 504),
+)
 
 _SPEC_EXAMPLE = '{"layers": [{"op": "conv", "filters": "seed4"}, {"op": "relu"}, {"op": "pool", "size": 2}]}'
 
@@ -55,6 +61,7 @@ REQUEST_BODY = image_request_body(
 )
 def compute_featuremaps(
     payload: FeaturemapsPayloadDep,
+    _slot: ComputeSlotDep,
     settings: SettingsDep,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
@@ -65,9 +72,10 @@ def compute_featuremaps(
     output = payload.spec.output
     stages = None if output.stages == "all" else output.stages
     value_range = 1.0 if spec.normalize == "unit" else 255.0
+    deadline = Deadline.after(settings.compute_timeout_s)
     with torch.inference_mode():
         x = imaging.image_to_tensor(image, spec.color, spec.normalize).to(device)
-        result = pipeline.run_pipeline(x, spec, settings.limits(), stages)
+        result = pipeline.run_pipeline(x, spec, settings.limits(), stages, deadline)
         if render.wants_png(accept):
             return render.montage_response(result, output, value_range)
-        return render.json_response(render.featuremaps_response(result, output, value_range))
+        return render.json_response(render.featuremaps_response(result, output, value_range, deadline))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from service.api.deps import ApiKeyDep
+from service.api.docs import problem_responses
 from service.filters import BANKS, PRESETS
 from service.schemas import FilterBank, FilterPreset, FiltersResponse
 
-router = APIRouter(prefix="/v1", tags=["filters"])
+router = APIRouter(prefix="/v1", tags=["filters"], dependencies=[ApiKeyDep], responses=problem_responses(401))
 
 
 @router.get("/filters", response_model=FiltersResponse)

@@ -10,12 +10,15 @@ from starlette.responses import Response
 
 from service import classifiers
 from service.api import render
-from service.api.deps import ModelFeaturemapsPayloadDep, RegistryDep, SettingsDep
+from service.api.deps import ApiKeyDep, ComputeSlotDep, ModelFeaturemapsPayloadDep, RegistryDep, SettingsDep
 from service.api.docs import image_request_body, problem_responses
+from service.deadline import Deadline
 from service.devices import resolve_device
 from service.schemas import MODEL_PATTERN, ModelCard, ModelFeaturemapsResponse, ModelList, PredictOptions
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses(404, 503))
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], dependencies=[ApiKeyDep], responses=problem_responses(401, 404, 503)
+)
 
 ModelName = Annotated[str, Path(pattern=MODEL_PATTERN, examples=["cnn"])]
 
@@ -52,12 +55,13 @@ def get_model(name: ModelName, registry: RegistryDep) -> ModelCard:
 @router.post(
     "/{name}/featuremaps",
     response_model=ModelFeaturemapsResponse,
-    responses={**problem_responses(413, 415, 422), 200: {"content": {"image/png": {}}}},
+    responses={**problem_responses(400, 408, 413, 415, 422, 504), 200: {"content": {"image/png": {}}}},
     openapi_extra=copy.deepcopy(REQUEST_BODY),  # FastAPI merges it in place
 )
 def compute_model_featuremaps(
     name: ModelName,
     payload: ModelFeaturemapsPayloadDep,
+    _slot: ComputeSlotDep,
     registry: RegistryDep,
     settings: SettingsDep,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
@@ -71,7 +75,7 @@ def compute_model_featuremaps(
     result, prediction = classifiers.cnn_featuremaps(classifier, digit, device, stages)
     if render.wants_png(accept):
         return render.montage_response(result, spec.output, 1.0)
-    body = render.featuremaps_response(result, spec.output, 1.0)
+    body = render.featuremaps_response(result, spec.output, 1.0, Deadline.after(settings.compute_timeout_s))
     options = PredictOptions(model=name, top_k=3, include_input=True)
     return render.json_response(
         ModelFeaturemapsResponse.model_construct(

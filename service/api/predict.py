@@ -9,13 +9,14 @@ from fastapi import APIRouter
 
 from service import classifiers
 from service.api import render
-from service.api.deps import PredictPayloadDep, RegistryDep, SettingsDep
+from service.api.deps import ApiKeyDep, ComputeSlotDep, PredictPayloadDep, RegistryDep, SettingsDep
 from service.api.docs import image_request_body, problem_responses
 from service.devices import resolve_device
 from service.schemas import ONE_PIXELS, BatchPredictResponse, PredictOptions, PredictResponse
 
-router = APIRouter(prefix="/v1", tags=["predict"], responses=problem_responses(400, 413, 415, 422, 503))
-unversioned = APIRouter(tags=["predict"], responses=problem_responses(400, 413, 415, 422, 503))
+_ERRORS = problem_responses(400, 401, 408, 413, 415, 422, 503, 504)
+router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[ApiKeyDep], responses=_ERRORS)
+unversioned = APIRouter(tags=["predict"], dependencies=[ApiKeyDep], responses=_ERRORS)
 
 REQUEST_BODY = image_request_body(
     PredictOptions.model_json_schema()["properties"],
@@ -30,7 +31,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {200: {"description": "One predicti
 
 
 def predict_digit(
-    payload: PredictPayloadDep, registry: RegistryDep, settings: SettingsDep
+    payload: PredictPayloadDep, _slot: ComputeSlotDep, registry: RegistryDep, settings: SettingsDep
 ) -> PredictResponse | BatchPredictResponse:
     """Classify a digit (or a batch): label, confidence, the ten probabilities, and the top k."""
     options = payload.options

@@ -13,6 +13,8 @@ from starlette.responses import Response
 
 from service import imaging
 from service.classifiers import Prediction
+from service.deadline import Deadline
+from service.deadline import check as check_deadline
 from service.pipeline import PipelineResult, StageResult
 from service.schemas import (
     ConvFilters,
@@ -28,7 +30,9 @@ from service.schemas import (
 )
 
 
-def _stage_output(stage: StageResult, output: OutputOptions, value_range: float) -> StageOutput:
+def _stage_output(
+    stage: StageResult, output: OutputOptions, value_range: float, deadline: Deadline | None
+) -> StageOutput:
     maps = stage.maps
     c, h, w = stage.plan.shape
     fields: dict[str, Any] = {
@@ -44,14 +48,17 @@ def _stage_output(stage: StageResult, output: OutputOptions, value_range: float)
     else:
         levels = imaging.to_levels(maps, output.scale, value_range)
         fields["map_ranges"] = [[lo, hi] for lo, hi in zip(levels.lo, levels.hi, strict=True)]
-        fields["maps"] = [
-            base64.b64encode(imaging.encode_png(imaging.colorize(lv, output.colormap))).decode("ascii")
-            for lv in levels.levels
-        ]
+        maps_b64 = []
+        for lv in levels.levels:
+            check_deadline(deadline, f"encoding the maps of stage {stage.plan.index}")
+            maps_b64.append(base64.b64encode(imaging.encode_png(imaging.colorize(lv, output.colormap))).decode("ascii"))
+        fields["maps"] = maps_b64
     return StageOutput.model_construct(**fields)
 
 
-def featuremaps_response(result: PipelineResult, output: OutputOptions, value_range: float) -> FeaturemapsResponse:
+def featuremaps_response(
+    result: PipelineResult, output: OutputOptions, value_range: float, deadline: Deadline | None = None
+) -> FeaturemapsResponse:
     """The JSON response; `data` stays a numpy array until serialisation (see `json_response`)."""
     c, h, w = result.input_shape
     return FeaturemapsResponse.model_construct(
@@ -63,7 +70,7 @@ def featuremaps_response(result: PipelineResult, output: OutputOptions, value_ra
             )
             for i, filters in result.filters.items()
         ],
-        stages=[_stage_output(s, output, value_range) for s in result.stages],
+        stages=[_stage_output(s, output, value_range, deadline) for s in result.stages],
     )
 
 
