@@ -23,18 +23,23 @@ class Admission:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self._slots.locked() and self.waiting >= self.queue:
-            raise OverloadedError(
-                f"{self.active} requests are running and {self.waiting} waiting, the most this server takes; "
-                "retry shortly"
-            )
-        self.waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.wait_s)
-        except TimeoutError:
-            raise OverloadedError(f"no compute slot came free within {self.wait_s:g} s; retry shortly") from None
-        finally:
-            self.waiting -= 1
+        if self._slots.locked():
+            if self.waiting >= self.queue:
+                raise OverloadedError(
+                    f"{self.active} requests are running and {self.waiting} waiting, the most this server takes; "
+                    "retry shortly"
+                )
+            self.waiting += 1
+            try:
+                # asyncio.timeout cancels the acquire cleanly: a permit won at the last moment is handed back.
+                async with asyncio.timeout(self.wait_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise OverloadedError(f"no compute slot came free within {self.wait_s:g} s; retry shortly") from None
+            finally:
+                self.waiting -= 1
+        else:
+            await self._slots.acquire()  # a free permit: taken without suspending
         self.active += 1
         try:
             yield

@@ -115,6 +115,7 @@ class RequestContextMiddleware:
                 scope["path"],
                 status,
                 extra={
+                    "request_id": rid,
                     "method": method,
                     "route": route,
                     "path": scope["path"],

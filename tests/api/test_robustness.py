@@ -1,0 +1,234 @@
+"""Robustness through TestClient: request ids, logs, metrics, 500s without internals, out-of-memory, compute
+deadlines, admission control, API keys and CORS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service import pipeline
+from service.admission import Admission
+from service.config import Settings
+from service.errors import OverloadedError
+from service.main import create_app
+from service.observability import JSONFormatter
+from tests.api.test_errors import assert_problem
+from tests.conftest import DOG, make_client
+
+URL = "/v1/featuremaps"
+FILES = {"image": ("dog.jpg", DOG.read_bytes(), "image/jpeg")}
+SMALL = {"spec": json.dumps({"output": {"stages": [2], "format": "json"}})}
+
+
+@pytest.mark.parametrize(
+    ("sent", "echoed"),
+    [(None, False), ("abc-123_X.y:z", True), ("has spaces", False), ("x" * 129, False), ("ünïcode".encode(), False)],
+)
+def test_every_response_carries_a_request_id(client: TestClient, sent: str | bytes | None, echoed: bool) -> None:
+    headers = {"X-Request-ID": sent} if sent else {}
+    for r in (client.get("/healthz", headers=headers), client.get("/nope", headers=headers)):
+        rid = r.headers["x-request-id"]
+        assert rid == sent if echoed else re.fullmatch(r"[0-9a-f]{32}", rid)
+
+
+def test_one_json_log_line_per_request(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        r = client.post(URL, files=FILES, data=SMALL, headers={"X-Request-ID": "trace-1"})
+    records = [rec for rec in caplog.records if rec.name == "service.access"]
+    assert len(records) == 1
+    line = json.loads(JSONFormatter().format(records[0]))
+    assert line["request_id"] == "trace-1" == r.headers["x-request-id"]
+    assert line["route"] == URL and line["status"] == 200 and line["method"] == "POST"
+    assert line["duration_ms"] > 0 and line["level"] == "info" and line["time"].endswith("Z")
+
+
+def test_unexpected_errors_are_500_problems_without_internals(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("secret internals at /srv/app")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", broken)
+    with TestClient(create_app(Settings(warmup=False)), raise_server_exceptions=False) as c:
+        with caplog.at_level(logging.ERROR, logger="service"):
+            r = c.post(URL, files=FILES, headers={"X-Request-ID": "oops-1"})
+        assert_problem(r, 500, "about:blank", None, "oops-1")
+        assert "secret" not in r.text and r.headers["x-request-id"] == "oops-1"
+        logged = [rec for rec in caplog.records if rec.exc_info]
+        assert logged and "secret internals" in JSONFormatter().format(logged[0])
+        assert json.loads(JSONFormatter().format(logged[0]))["request_id"] == "oops-1"
+        monkeypatch.undo()
+        assert c.post(URL, files=FILES, data=SMALL).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB"), MemoryError()]
+)
+def test_out_of_memory_is_a_503_and_the_server_stays_up(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    def oom(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    with make_client() as c:
+        monkeypatch.setattr(pipeline, "run_pipeline", oom)
+        r = c.post(URL, files=FILES)
+        assert_problem(r, 503, "out-of-memory", None, "ran out of memory")
+        assert r.headers["retry-after"] == "1"
+        monkeypatch.undo()
+        assert c.post(URL, files=FILES, data=SMALL).status_code == 200
+
+
+def test_compute_deadline_stops_the_work_with_a_504() -> None:
+    with make_client(compute_timeout_s=1e-9) as c:
+        assert_problem(c.post(URL, files=FILES), 504, "compute-timeout", None, "limit")
+        assert_problem(c.post("/v1/models/cnn/featuremaps", files=FILES), 504, "compute-timeout", None, "limit")
+
+
+def test_metrics_count_requests_per_route_and_status(client: TestClient) -> None:
+    client.post(URL, files=FILES, data=SMALL)
+    client.get("/no/such/path/12345")
+    client.post(URL, json={"image": "%%%"})
+    text = client.get("/metrics").text
+    assert re.search(r'featuremap_requests_total\{method="POST",route="/v1/featuremaps",status="200"\} [1-9]', text)
+    assert re.search(r'featuremap_requests_total\{method="POST",route="/v1/featuremaps",status="422"\} [1-9]', text)
+    assert 'route="unmatched"' in text and "12345" not in text  # no label per unknown path
+    for name in (
+        "featuremap_request_duration_seconds_bucket",
+        "featuremap_requests_in_flight",
+        "featuremap_compute_queue_depth",
+    ):
+        assert name in text
+
+
+# --- admission control -----------------------------------------------------------------------------------------
+
+
+def test_admission_queues_then_refuses() -> None:
+    async def scenario() -> None:
+        admission = Admission(limit=1, queue=1, wait_s=0.2)
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with admission.slot():
+                await release.wait()
+
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        assert (admission.active, admission.waiting) == (1, 1)
+        with pytest.raises(OverloadedError, match="1 waiting"):  # the queue is full: refused at once
+            async with admission.slot():
+                pass
+        release.set()
+        await asyncio.gather(holder, waiter)
+        assert (admission.active, admission.waiting) == (0, 0)
+        release.clear()
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError, match="within 0.2 s"):  # queued, but no slot in time
+            async with admission.slot():
+                pass
+        release.set()
+        await holder
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def gated_pipeline(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """run_pipeline blocks until the test sets the returned event."""
+    gate = threading.Event()
+    real = pipeline.run_pipeline
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_pipeline", gated)
+    yield gate
+    gate.set()
+
+
+def test_a_full_server_answers_503_with_retry_after(gated_pipeline: threading.Event) -> None:
+    with make_client(max_concurrency=1, max_queue=0) as c:
+        admission = c.app_state["admission"]
+        first: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: first.update(r=c.post(URL, files=FILES, data=SMALL)))
+        worker.start()
+        for _ in range(1000):
+            if admission.active == 1:
+                break
+            threading.Event().wait(0.01)
+        r = c.post(URL, files=FILES, data=SMALL)
+        assert_problem(r, 503, "overloaded", None, "retry shortly")
+        assert r.headers["retry-after"] == "1"
+        assert c.get("/healthz").status_code == 200  # probes never queue
+        gated_pipeline.set()
+        worker.join(30)
+        assert first["r"].status_code == 200
+        assert c.post(URL, files=FILES, data=SMALL).status_code == 200
+
+
+# --- API keys and CORS -----------------------------------------------------------------------------------------
+
+PROTECTED = [
+    ("GET", "/v1/filters", {}),
+    ("GET", "/v1/models", {}),
+    ("GET", "/v1/models/cnn", {}),
+    ("POST", URL, {"files": FILES, "data": SMALL}),
+    ("POST", "/v1/predict", {"files": FILES}),
+    ("POST", "/predict", {"files": FILES}),
+    ("POST", "/v1/models/cnn/featuremaps", {"files": FILES}),
+]
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[TestClient]:
+    with make_client(api_keys=["key-one", "key-two"]) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), PROTECTED)
+def test_api_keys_guard_every_v1_route(keyed: TestClient, method: str, path: str, kwargs: dict[str, Any]) -> None:
+    r = keyed.request(method, path, **kwargs)
+    assert_problem(r, 401, "unauthorized", None, "needs an API key")
+    assert "Bearer" in r.headers["www-authenticate"]
+    wrong = keyed.request(method, path, headers={"X-API-Key": "key-three"}, **kwargs)
+    assert_problem(wrong, 401, "unauthorized", None, "not valid")
+    assert keyed.request(method, path, headers={"X-API-Key": "key-two"}, **kwargs).status_code == 200
+    assert keyed.request(method, path, headers={"Authorization": "Bearer key-one"}, **kwargs).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/openapi.json"])
+def test_probes_and_docs_stay_open_with_api_keys(keyed: TestClient, path: str) -> None:
+    assert keyed.get(path).status_code == 200
+
+
+def test_api_keys_and_origins_come_from_comma_separated_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATUREMAP_API_KEYS", " a1 , b2,")
+    monkeypatch.setenv("FEATUREMAP_CORS_ORIGINS", "https://app.example")
+    settings = Settings()
+    assert settings.api_keys == ["a1", "b2"] and settings.cors_origins == ["https://app.example"]
+
+
+def test_cors_allows_only_configured_origins() -> None:
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with make_client(cors_origins=["https://app.example"]) as c:
+        ok = c.options(URL, headers={"Origin": "https://app.example", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        r = c.get("/healthz", headers={"Origin": "https://app.example"})
+        assert "X-Request-ID" in r.headers["access-control-expose-headers"]
+        other = c.options(URL, headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+    with make_client() as c:  # none by default
+        r = c.get("/healthz", headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in r.headers
