@@ -26,5 +26,5 @@ USER app
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
-# uvicorn takes its worker count from WEB_CONCURRENCY.
-CMD ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# uvicorn with this service's timeouts and limits; the worker count comes from WEB_CONCURRENCY.
+CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]

@@ -8,7 +8,7 @@ PORT ?= 8000
 .PHONY: run test lint typecheck unit openapi lock clean
 
 run: $(VENV)/.runtime-installed
-	$(BIN)/uvicorn service.main:app --host $(HOST) --port $(PORT)
+	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check .

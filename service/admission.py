@@ -1,13 +1,19 @@
-"""Admission control for compute: at most `limit` requests run at once, at most `queue` wait, each for at most
-`wait_s`; beyond that the request is refused at once (backpressure, not collapse)."""
+"""Admission control for compute: a dedicated pool of `limit` long-lived threads runs the torch work; at most
+`queue` requests wait for one, each for at most `wait_s`; beyond that a request is refused at once
+(backpressure, not collapse). Long-lived threads keep torch's per-thread state, and memory, bounded."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from service.errors import OverloadedError
+
+T = TypeVar("T")
 
 
 class Admission:
@@ -20,29 +26,46 @@ class Admission:
         self.active = 0
         self.waiting = 0
         self._slots = asyncio.Semaphore(limit)
+        self._executor = ThreadPoolExecutor(limit, thread_name_prefix="compute")
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self._slots.locked():
-            if self.waiting >= self.queue:
-                raise OverloadedError(
-                    f"{self.active} requests are running and {self.waiting} waiting, the most this server takes; "
-                    "retry shortly"
-                )
-            self.waiting += 1
-            try:
-                # asyncio.timeout cancels the acquire cleanly: a permit won at the last moment is handed back.
-                async with asyncio.timeout(self.wait_s):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise OverloadedError(f"no compute slot came free within {self.wait_s:g} s; retry shortly") from None
-            finally:
-                self.waiting -= 1
-        else:
-            await self._slots.acquire()  # a free permit: taken without suspending
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on a compute thread once a slot is free; OverloadedError when none comes in time."""
+        await self._acquire()
         self.active += 1
         try:
-            yield
+            loop = asyncio.get_running_loop()
+            call = functools.partial(contextvars.copy_context().run, fn, *args)
+            future = loop.run_in_executor(self._executor, call)
+        except BaseException:
+            self._release()
+            raise
+        # The slot is freed when the work ends, not when the request does: a client that hangs up cannot
+        # leave its work running on a slot counted as free.
+        future.add_done_callback(lambda _: self._release())
+        return await asyncio.shield(future)
+
+    async def _acquire(self) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free permit: taken without suspending
+            return
+        if self.waiting >= self.queue:
+            raise OverloadedError(
+                f"{self.active} requests are running and {self.waiting} waiting, the most this server takes; "
+                "retry shortly"
+            )
+        self.waiting += 1
+        try:
+            # asyncio.timeout cancels the acquire cleanly: a permit won at the last moment is handed back.
+            async with asyncio.timeout(self.wait_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise OverloadedError(f"no compute slot came free within {self.wait_s:g} s; retry shortly") from None
         finally:
-            self.active -= 1
-            self._slots.release()
+            self.waiting -= 1
+
+    def _release(self) -> None:
+        self.active -= 1
+        self._slots.release()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

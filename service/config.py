@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     shutdown_delay_s: float = Field(
         0.0, ge=0, description="On SIGTERM, seconds to keep serving with /readyz at 503 before shutting down."
     )
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    torch_threads: int = Field(
+        0, ge=0, description="torch threads per computing request; 0 = the cores divided by max_concurrency."
+    )
     warmup: bool = Field(True, description="Run a small pipeline at start-up before /readyz turns 200.")
 
     @field_validator("api_keys", "cors_origins", mode="before")

@@ -4,6 +4,7 @@ RFC 9457 problem+json from the one mapping below. `app` is what `uvicorn service
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -244,8 +245,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        # Each compute thread's torch ops get their share of the cores, so concurrent requests do not
+        # oversubscribe them (the main way to lose throughput on a small machine).
+        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency))
         readiness = Readiness()
         registry = Registry()
         restore_sigterm = _drain_on_sigterm(readiness, settings.shutdown_delay_s)
@@ -264,6 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
         readiness.mark_stopping()
         restore_sigterm()
+        admission.close()
 
     app = FastAPI(
         title="Feature Map Service",

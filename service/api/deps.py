@@ -7,7 +7,6 @@ import base64
 import binascii
 import hmac
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar, cast
 
@@ -31,16 +30,18 @@ from service.schemas import (
     PredictOptions,
 )
 
+# Cheap dependencies are `async def`: a sync one would cost a hop to the thread pool per request.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return cast(Settings, request.state.settings)
 
 
-def get_readiness(request: Request) -> Readiness:
+async def get_readiness(request: Request) -> Readiness:
     return cast(Readiness, request.state.readiness)
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     return cast(Registry, request.state.registry)
 
 
@@ -52,7 +53,7 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 _bearer = HTTPBearer(auto_error=False, description="One of FEATUREMAP_API_KEYS, as a bearer token.")
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     api_key: Annotated[str | None, Security(_api_key_header)] = None,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
@@ -70,15 +71,12 @@ def require_api_key(
         raise UnauthorizedError("the API key is not valid")
 
 
-async def compute_slot(request: Request) -> AsyncIterator[None]:
-    """Held while the route computes: bounded concurrency with a bounded queue (503 when it is full)."""
-    admission = cast(Admission, request.state.admission)
-    async with admission.slot():
-        yield
+async def get_compute(request: Request) -> Admission:
+    return cast(Admission, request.state.admission)
 
 
 ApiKeyDep = Depends(require_api_key)
-ComputeSlotDep = Annotated[None, Depends(compute_slot)]
+ComputeDep = Annotated[Admission, Depends(get_compute)]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
@@ -184,7 +182,7 @@ _PREDICT_FIELDS = tuple(PredictOptions.model_fields)
 
 async def read_predict_payload(request: Request) -> PredictPayload:
     """multipart: file `image` + form fields; JSON: exactly one of `image`, `pixels` or `images` (a batch)."""
-    settings = get_settings(request)
+    settings = cast(Settings, request.state.settings)
     if _body_kind(request) == "multipart":
         data, values = await _read_form(request, _PREDICT_FIELDS)
         return PredictPayload(_validate(PredictOptions, dict(values), strict=False), [(("image",), data)], False)

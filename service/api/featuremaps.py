@@ -11,11 +11,12 @@ from starlette.responses import Response
 
 from service import imaging, pipeline
 from service.api import render
-from service.api.deps import ApiKeyDep, ComputeSlotDep, FeaturemapsPayloadDep, SettingsDep
+from service.api.deps import ApiKeyDep, ComputeDep, FeaturemapsPayloadDep, ImagePayload, SettingsDep
 from service.api.docs import image_request_body, problem_responses
+from service.config import Settings
 from service.deadline import Deadline
 from service.devices import resolve_device
-from service.schemas import DEFAULT_LAYERS, FeaturemapsResponse
+from service.schemas import DEFAULT_LAYERS, FeaturemapsResponse, FeaturemapsSpec
 
 router = APIRouter(
     prefix="/v1",
@@ -59,23 +60,28 @@ REQUEST_BODY = image_request_body(
     responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}},
     openapi_extra=copy.deepcopy(REQUEST_BODY),  # FastAPI merges it in place
 )
-def compute_featuremaps(
+async def compute_featuremaps(
     payload: FeaturemapsPayloadDep,
-    _slot: ComputeSlotDep,
+    compute: ComputeDep,
     settings: SettingsDep,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """Run a pipeline on an image; return each stage's maps as PNGs or float32 tensors (or one montage PNG)."""
+    return await compute.run(_featuremaps, payload, settings, render.wants_png(accept))
+
+
+def _featuremaps(payload: ImagePayload[FeaturemapsSpec], settings: Settings, png: bool) -> Response:
+    """The work, on a compute thread: decode, run, encode."""
+    deadline = Deadline.after(settings.compute_timeout_s)
     spec = payload.spec.to_pipeline_spec()
     device = resolve_device(payload.spec.device)
     image = imaging.decode_image(payload.image, settings.max_image_pixels)
     output = payload.spec.output
     stages = None if output.stages == "all" else output.stages
     value_range = 1.0 if spec.normalize == "unit" else 255.0
-    deadline = Deadline.after(settings.compute_timeout_s)
     with torch.inference_mode():
         x = imaging.image_to_tensor(image, spec.color, spec.normalize).to(device)
         result = pipeline.run_pipeline(x, spec, settings.limits(), stages, deadline)
-        if render.wants_png(accept):
+        if png:
             return render.montage_response(result, output, value_range)
         return render.json_response(render.featuremaps_response(result, output, value_range, deadline))

@@ -12,7 +12,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthResponse)
-def check_liveness() -> HealthResponse:
+async def check_liveness() -> HealthResponse:
     """200 while the process is alive."""
     return HealthResponse(status="ok")
 
@@ -22,7 +22,7 @@ def check_liveness() -> HealthResponse:
     response_model=HealthResponse,
     responses={503: {"model": HealthResponse, "description": "Starting up or shutting down"}},
 )
-def check_readiness(readiness: ReadinessDep) -> JSONResponse:
+async def check_readiness(readiness: ReadinessDep) -> JSONResponse:
     """200 once warmed up and serving; 503 while starting or stopping."""
     body = HealthResponse(status=readiness.state).model_dump()
     return JSONResponse(body, status_code=200 if readiness.ready else 503)

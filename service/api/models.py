@@ -10,11 +10,26 @@ from starlette.responses import Response
 
 from service import classifiers
 from service.api import render
-from service.api.deps import ApiKeyDep, ComputeSlotDep, ModelFeaturemapsPayloadDep, RegistryDep, SettingsDep
+from service.api.deps import (
+    ApiKeyDep,
+    ComputeDep,
+    ImagePayload,
+    ModelFeaturemapsPayloadDep,
+    RegistryDep,
+    SettingsDep,
+)
 from service.api.docs import image_request_body, problem_responses
+from service.config import Settings
 from service.deadline import Deadline
 from service.devices import resolve_device
-from service.schemas import MODEL_PATTERN, ModelCard, ModelFeaturemapsResponse, ModelList, PredictOptions
+from service.schemas import (
+    MODEL_PATTERN,
+    ModelCard,
+    ModelFeaturemapsResponse,
+    ModelFeaturemapsSpec,
+    ModelList,
+    PredictOptions,
+)
 
 router = APIRouter(
     prefix="/v1/models", tags=["models"], dependencies=[ApiKeyDep], responses=problem_responses(401, 404, 503)
@@ -58,27 +73,35 @@ def get_model(name: ModelName, registry: RegistryDep) -> ModelCard:
     responses={**problem_responses(400, 408, 413, 415, 422, 504), 200: {"content": {"image/png": {}}}},
     openapi_extra=copy.deepcopy(REQUEST_BODY),  # FastAPI merges it in place
 )
-def compute_model_featuremaps(
+async def compute_model_featuremaps(
     name: ModelName,
     payload: ModelFeaturemapsPayloadDep,
-    _slot: ComputeSlotDep,
+    compute: ComputeDep,
     registry: RegistryDep,
     settings: SettingsDep,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """The trained CNN's activations for a digit, layer by layer, with its prediction and first-layer kernels."""
     classifier = registry.get(name)
+    return await compute.run(_model_featuremaps, classifier, payload, settings, render.wants_png(accept))
+
+
+def _model_featuremaps(
+    classifier: classifiers.Classifier, payload: ImagePayload[ModelFeaturemapsSpec], settings: Settings, png: bool
+) -> Response:
+    """The work, on a compute thread."""
+    deadline = Deadline.after(settings.compute_timeout_s)
     spec = payload.spec
     device = resolve_device(spec.device)
     digit = classifiers.prepare_digit(payload.image, spec.preprocess, settings.max_image_pixels, ("image",))
     stages = None if spec.output.stages == "all" else spec.output.stages
     result, prediction = classifiers.cnn_featuremaps(classifier, digit, device, stages)
-    if render.wants_png(accept):
+    if png:
         return render.montage_response(result, spec.output, 1.0)
-    body = render.featuremaps_response(result, spec.output, 1.0, Deadline.after(settings.compute_timeout_s))
-    options = PredictOptions(model=name, top_k=3, include_input=True)
+    body = render.featuremaps_response(result, spec.output, 1.0, deadline)
+    options = PredictOptions(model=classifier.name, top_k=3, include_input=True)
     return render.json_response(
         ModelFeaturemapsResponse.model_construct(
-            **body.__dict__, model=name, prediction=render.digit_prediction(prediction, options)
+            **body.__dict__, model=classifier.name, prediction=render.digit_prediction(prediction, options)
         )
     )

@@ -9,8 +9,9 @@ from fastapi import APIRouter
 
 from service import classifiers
 from service.api import render
-from service.api.deps import ApiKeyDep, ComputeSlotDep, PredictPayloadDep, RegistryDep, SettingsDep
+from service.api.deps import ApiKeyDep, ComputeDep, PredictPayload, PredictPayloadDep, RegistryDep, SettingsDep
 from service.api.docs import image_request_body, problem_responses
+from service.config import Settings
 from service.devices import resolve_device
 from service.schemas import ONE_PIXELS, BatchPredictResponse, PredictOptions, PredictResponse
 
@@ -30,12 +31,19 @@ REQUEST_BODY = image_request_body(
 RESPONSES: dict[int | str, dict[str, Any]] = {200: {"description": "One prediction, or `predictions` for a batch."}}
 
 
-def predict_digit(
-    payload: PredictPayloadDep, _slot: ComputeSlotDep, registry: RegistryDep, settings: SettingsDep
+async def predict_digit(
+    payload: PredictPayloadDep, compute: ComputeDep, registry: RegistryDep, settings: SettingsDep
 ) -> PredictResponse | BatchPredictResponse:
     """Classify a digit (or a batch): label, confidence, the ten probabilities, and the top k."""
+    classifier = registry.get(payload.options.model, loc=("model",))
+    return await compute.run(_predict, payload, classifier, settings)
+
+
+def _predict(
+    payload: PredictPayload, classifier: classifiers.Classifier, settings: Settings
+) -> PredictResponse | BatchPredictResponse:
+    """The work, on a compute thread: preprocess each digit, run the net once on the batch."""
     options = payload.options
-    classifier = registry.get(options.model, loc=("model",))
     device = resolve_device(options.device)
     digits = [
         classifiers.prepare_digit(value, options.preprocess, settings.max_image_pixels, loc)

@@ -111,34 +111,32 @@ def test_metrics_count_requests_per_route_and_status(client: TestClient) -> None
 # --- admission control -----------------------------------------------------------------------------------------
 
 
-def test_admission_queues_then_refuses() -> None:
+def test_admission_queues_then_refuses_and_holds_slots_until_the_work_ends() -> None:
     async def scenario() -> None:
         admission = Admission(limit=1, queue=1, wait_s=0.2)
-        release = asyncio.Event()
-
-        async def hold() -> None:
-            async with admission.slot():
-                await release.wait()
-
-        holder = asyncio.create_task(hold())
-        await asyncio.sleep(0)
-        waiter = asyncio.create_task(hold())
-        await asyncio.sleep(0)
+        release = threading.Event()
+        holder = asyncio.create_task(admission.run(release.wait, 30))
+        await asyncio.sleep(0.05)
+        waiter = asyncio.create_task(admission.run(lambda: "second"))
+        await asyncio.sleep(0.05)
         assert (admission.active, admission.waiting) == (1, 1)
         with pytest.raises(OverloadedError, match="1 waiting"):  # the queue is full: refused at once
-            async with admission.slot():
-                pass
+            await admission.run(lambda: None)
         release.set()
-        await asyncio.gather(holder, waiter)
+        assert await asyncio.gather(holder, waiter) == [True, "second"]
         assert (admission.active, admission.waiting) == (0, 0)
         release.clear()
-        holder = asyncio.create_task(hold())
-        await asyncio.sleep(0)
+        holder = asyncio.create_task(admission.run(release.wait, 30))
+        await asyncio.sleep(0.05)
         with pytest.raises(OverloadedError, match="within 0.2 s"):  # queued, but no slot in time
-            async with admission.slot():
-                pass
+            await admission.run(lambda: None)
+        holder.cancel()  # the client hangs up: its work still holds the slot until it ends
+        await asyncio.sleep(0.05)
+        assert admission.active == 1
         release.set()
-        await holder
+        await asyncio.sleep(0.05)
+        assert (admission.active, admission.waiting) == (0, 0)
+        admission.close()
 
     asyncio.run(scenario())
 

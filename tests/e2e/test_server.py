@@ -69,7 +69,7 @@ def test_the_run_command_serves_the_app_with_settings_from_the_environment() -> 
     port = free_port()
     env = {**os.environ, "FEATUREMAP_MAX_LAYERS": "2"}
     cmd = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # few lines
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             wait_ready(client)

@@ -182,3 +182,63 @@ def test_montage_refuses_too_many_maps() -> None:
     row = imaging.MontageRow("s", [("m", np.zeros((2, 2), np.uint8))] * 5)
     with pytest.raises(LimitExceededError, match="at most 4"):
         imaging.montage([row], max_maps=4)
+
+
+def _with_transparency(img: Image.Image) -> Image.Image:
+    img.info["transparency"] = 0
+    return img
+
+
+def test_an_animation_of_thousands_of_frames_decodes_only_the_first() -> None:
+    frames = [Image.new("L", (8, 8), i % 256) for i in range(3000)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=10)
+    img = imaging.decode_image(buf.getvalue(), BIG)
+    assert img.size == (8, 8) and np.asarray(img.convert("L")).max() == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "fmt", "mode"),
+    [
+        (lambda: RGB.convert("P"), "PNG", "P"),
+        (lambda: _with_transparency(RGB.convert("P")), "PNG", "P"),
+        (lambda: RGB.convert("LA"), "PNG", "LA"),
+        (lambda: RGB.convert("1"), "PNG", "1"),
+        (lambda: RGB.convert("RGBA"), "WEBP", "RGBA"),
+        (lambda: RGB.convert("CMYK"), "JPEG", "CMYK"),
+        (lambda: Image.fromarray(np.full((12, 10), 40000, np.uint16)), "TIFF", "I;16"),
+        (lambda: Image.fromarray(np.full((12, 10), 3.5, np.float32)), "TIFF", "F"),
+        (lambda: Image.fromarray(np.full((12, 10), 70000, np.int32)), "TIFF", "I"),
+        (lambda: RGB.convert("YCbCr"), "JPEG", "RGB"),
+    ],
+)
+def test_every_mode_converts_to_gray_and_rgb(make: object, fmt: str, mode: str) -> None:
+    img = imaging.decode_image(encoded(make(), fmt), BIG)  # type: ignore[operator]
+    for color, channels in (("gray", 1), ("rgb", 3)):
+        x = imaging.image_to_tensor(img, color, "unit")  # type: ignore[arg-type]
+        assert x.shape == (channels, 12, 10) and torch.isfinite(x).all() and 0 <= float(x.min()) <= float(x.max()) <= 1
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "BMP", "TIFF", "WEBP", "JPEG"])
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9])
+def test_any_truncation_of_any_format_is_a_decode_error_never_a_crash(fmt: str, cut: float) -> None:
+    data = encoded(Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)), fmt)
+    try:
+        img = imaging.decode_image(data[: int(len(data) * cut)], BIG)
+    except ImageDecodeError:
+        return
+    assert img.size == (64, 64)  # some decoders pad a truncated tail; then the size is still right
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_byte_flips_never_escape_as_other_errors(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    fmt = ["PNG", "GIF", "BMP", "TIFF", "WEBP", "JPEG"][seed % 6]
+    data = bytearray(encoded(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), fmt))
+    for i in rng.integers(0, len(data), 8):
+        data[int(i)] = int(rng.integers(0, 256))
+    try:
+        img = imaging.decode_image(bytes(data), 10_000)
+        imaging.image_to_tensor(img, "rgb", "unit")
+    except (ImageDecodeError, LimitExceededError):
+        pass

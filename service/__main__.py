@@ -1,0 +1,38 @@
+"""`python -m service`: serve the app with uvicorn, configured for this service (what `make run` and the
+container run). Timeouts and limits here are the server's half of "hard to break"; see the README."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import uvicorn
+
+LOG_CONFIG = Path(__file__).with_name("logging.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")))
+    args = p.parse_args(argv)
+    uvicorn.run(
+        "service.main:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_config=json.loads(LOG_CONFIG.read_text()),  # one JSON line per event
+        access_log=False,  # the app logs each request itself, with its id, route and duration
+        timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s
+        timeout_graceful_shutdown=30,  # in-flight requests get 30 s to finish after SIGTERM's delay
+        limit_concurrency=1024,  # past this many connections and tasks, new requests get 503 at once
+        backlog=2048,
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Abuse against a real server process started as `make run` starts it: slow and endless bodies, SIGTERM
+during a request, and schemathesis fuzzing every operation from openapi/openapi.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import DOG, ROOT
+from tests.e2e.test_server import free_port, wait_ready
+
+pytestmark = pytest.mark.e2e
+
+
+@contextmanager
+def served(**env: str) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """`python -m service` (the run command) on a free port, with FEATUREMAP_* overrides; yields its log file
+    (a file, not a pipe: a pipe nobody reads would fill up and block the server's logging)."""
+    port = free_port()
+    environ = {**os.environ, **{f"FEATUREMAP_{k.upper()}": v for k, v in env.items()}}
+    cmd = [sys.executable, "-m", "service", "--port", str(port)]
+    with tempfile.NamedTemporaryFile(prefix="featuremap-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=log)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            wait_ready(client)
+        yield f"http://127.0.0.1:{port}", proc, Path(log.name)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+        Path(log.name).unlink(missing_ok=True)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def raw_request(port: int, head: str, body_chunks: Iterator[bytes], read_timeout: float) -> tuple[bytes, int]:
+    """Send a request by hand, stop sending as soon as the server answers; return (response head, bytes sent)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(head.encode())
+        for chunk in body_chunks:
+            if select.select([s], [], [], 0)[0]:
+                break  # the server has answered (or closed)
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                break
+            sent += len(chunk)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                more = s.recv(65536)
+                if not more:
+                    break
+                data += more
+        except ConnectionResetError:
+            pass
+    return data, sent
+
+
+def test_a_body_that_never_finishes_arriving_gets_408() -> None:
+    with served(body_timeout_s="1") as (url, _, _log):
+        port = int(url.rsplit(":", 1)[1])
+        head = (
+            "POST /v1/featuremaps HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
+        start = time.monotonic()
+        response, _ = raw_request(port, head, iter([b'{"image": "']), read_timeout=10)
+        assert response.startswith(b"HTTP/1.1 408"), response[:200]
+        assert b"application/problem+json" in response and 1 <= time.monotonic() - start < 8
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_an_endless_body_is_cut_off_at_the_limit_without_memory_growth(declared: bool) -> None:
+    with served(max_body_bytes=str(8 * 1024 * 1024)) as (url, proc, _log):
+        port = int(url.rsplit(":", 1)[1])
+        before = rss_kib(proc.pid)
+        chunk = b"A" * 65536
+        if declared:
+            head = "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2147483648\r\n\r\n"
+            chunks: Iterator[bytes] = iter([chunk] * 1024)  # up to 64 MiB of the declared 2 GiB
+        else:
+            head = "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            chunks = iter([b"10000\r\n" + chunk + b"\r\n"] * 1024)
+        response, sent = raw_request(port, head, chunks, read_timeout=30)
+        assert response.startswith(b"HTTP/1.1 413"), response[:200]
+        assert sent < 40 * 1024 * 1024  # cut off well before the client's 64 MiB
+        assert rss_kib(proc.pid) - before < 40 * 1024  # the server did not keep what it was sent
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/readyz").status_code == 200
+
+
+def test_sigterm_turns_readiness_off_and_lets_the_request_in_flight_finish() -> None:
+    heavy = {"layers": [{"op": "conv", "filters": [{"kernel": [[0.001] * 31] * 31}] * 24, "padding": "same"}],
+             "output": {"stages": [0], "format": "json"}}  # fmt: skip
+    with served(shutdown_delay_s="2", max_concurrency="4") as (url, proc, log):
+        result: dict[str, object] = {}
+
+        def slow() -> None:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                files = {"image": ("dog.jpg", DOG.read_bytes())}
+                result["r"] = client.post("/v1/featuremaps", files=files, data={"spec": json.dumps(heavy)})
+
+        worker = threading.Thread(target=slow)
+        worker.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            r = client.get("/readyz")
+            assert r.status_code == 503 and r.json() == {"status": "stopping"}
+            assert client.get("/healthz").status_code == 200  # still alive while draining
+        worker.join(60)
+        response = result["r"]
+        assert isinstance(response, httpx.Response) and response.status_code == 200
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in log.read_text()
+
+
+def test_schemathesis_finds_no_5xx_and_no_response_off_schema(tmp_path: Path) -> None:
+    with served(max_queue="64") as (url, _, _log):
+        cmd = [
+            str(Path(sys.executable).with_name("schemathesis")), "run", str(ROOT / "openapi" / "openapi.json"),
+            "--url", url, "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance",
+            "--phases", "examples,coverage,fuzzing", "--max-examples", "25", "--seed", "20261130",
+            "--request-timeout", "30",
+            "--report", "junit", "--report-dir", str(tmp_path),
+        ]  # fmt: skip
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
