@@ -1,0 +1,221 @@
+"""Throughput and latency over HTTP, against baselines measured in the same run.
+
+    .venv/bin/python -m bench.serve --seconds 10
+
+Each server runs alone on 127.0.0.1 with one process, and wrk (Debian's `wrk`, installed with apt-get) loads it
+with a multipart upload of a 28x28 PNG digit: 16 connections for throughput, 1 for latency. Baselines: the
+framework floor (a bare FastAPI endpoint that parses the same upload and returns a constant) and a
+tutorial-style FastAPI app serving the same shipped CNN. For /v1/featuremaps, the time the service adds on top
+of the work itself (decode + pipeline + encode, timed in-process in the same run) is reported as a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2 as httpx
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+BOUNDARY = "featuremapbench"
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def multipart(fields: dict[str, bytes | str]) -> bytes:
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f"--{BOUNDARY}\r\n".encode())
+        if isinstance(value, bytes):
+            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'.encode())
+            out.write(b"Content-Type: image/png\r\n\r\n" + value + b"\r\n")
+        else:
+            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    out.write(f"--{BOUNDARY}--\r\n".encode())
+    return out.getvalue()
+
+
+def wrk(url: str, body: bytes, connections: int, seconds: float, content_type: str) -> Load:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "body").write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        script.write_text(
+            f'local f = io.open("{tmp}/body", "rb")\nwrk.body = f:read("*all")\nf:close()\nwrk.method = "POST"\n'
+            f'wrk.headers["Content-Type"] = "{content_type}"\n'
+        )
+        cmd = [
+            "wrk",
+            "-t",
+            str(min(connections, 2)),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "60s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return Load(rps, ms("50"), ms("99"), int(errors.group(1)) if errors else 0)
+
+
+class Server:
+    """One server process on a free port; waits until `ready_path` answers 200."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, ready_path: str = "/docs") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)
+        full = [c.replace("{port}", str(self.port)) for c in cmd]
+        self.proc = subprocess.Popen(
+            full, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log, stderr=self.log
+        )
+        for _ in range(600):
+            try:
+                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{cmd} did not start; see {self.log.name}")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def uvicorn(app: str) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", app, "--port", "{port}", "--log-level", "warning", "--no-access-log"]
+
+
+def digit_png() -> bytes:
+    from service.datasets import load_mnist
+
+    buf = io.BytesIO()
+    Image.fromarray(load_mnist("test").images[0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def in_process_featuremaps(image: bytes, spec: dict[str, object], repeats: int) -> float:
+    """Median seconds for decode + pipeline + encode, called directly (no HTTP), as the route does it."""
+    from service.api.deps import ImagePayload
+    from service.api.featuremaps import _featuremaps
+    from service.config import Settings
+    from service.schemas import FeaturemapsSpec
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // Settings().max_concurrency))
+    payload = ImagePayload(image, FeaturemapsSpec.model_validate(spec))
+    settings = Settings()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _featuremaps(payload, settings, False)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=10)
+    args = p.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk is not installed: apt-get install -y wrk")
+        return 2
+    digit = multipart({"image": digit_png()})
+    ctype = f"multipart/form-data; boundary={BOUNDARY}"
+    service_cmd = [sys.executable, "-m", "service", "--port", "{port}"]
+    rows: list[tuple[str, Load, Load]] = []
+    for name, cmd, path, ready in [
+        ("floor: bare FastAPI, parse multipart, constant", uvicorn("bench.apps.floor:app"), "/predict", "/docs"),
+        ("tutorial-style FastAPI + the same CNN", uvicorn("bench.apps.tutorial:app"), "/predict", "/docs"),
+        ("this service: /v1/predict (cnn)", service_cmd, "/v1/predict", "/readyz"),
+    ]:
+        with Server(cmd, {"FEATUREMAP_MAX_QUEUE": "64"}, ready) as server:
+            wrk(server.url + path, digit, 16, 2, ctype)  # warm-up
+            many = wrk(server.url + path, digit, 16, args.seconds, ctype)
+            one = wrk(server.url + path, digit, 1, args.seconds, ctype)
+            rows.append((name, many, one))
+    floor = rows[0][1].rps
+    print(f"\n/predict, multipart 28x28 PNG, 1 process, {args.seconds:g} s per run, wrk on the same 2 cores")
+    print(
+        f"{'server':<50}{'16 clients req/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'vs floor':>9}{'1 client p50 ms':>17}{'non-2xx':>9}"
+    )
+    for name, many, one in rows:
+        print(
+            f"{name:<50}{many.rps:>17.0f}{many.p50_ms:>8.2f}{many.p99_ms:>8.2f}{many.rps / floor:>9.2f}{one.p50_ms:>17.2f}{many.errors + one.errors:>9}"
+        )
+
+    dog = (ROOT / "service" / "samples" / "dog.jpg").read_bytes()
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(big, format="PNG")
+    # 3-D kernels (3x3 on each of R, G, B, summed): 16 maps per stage, the 16 MB of float32 the issue describes
+    sixteen = [{"kernel": np.random.default_rng(i).standard_normal((3, 3, 3)).round(3).tolist()} for i in range(16)]
+    rgb16 = {
+        "color": "rgb",
+        "layers": [{"op": "conv", "filters": sixteen, "padding": "same"}, {"op": "relu"}, {"op": "pool", "size": 2}],
+    }
+    cases = [
+        ("dog, default pipeline, PNG maps", dog, {}),
+        ("1024x1024 RGB, 16 3x3 -> relu -> pool, PNG", big.getvalue(), {**rgb16, "output": {"format": "png"}}),
+        (
+            "1024x1024 RGB, 16 3x3 -> relu -> pool, JSON pool",
+            big.getvalue(),
+            {**rgb16, "output": {"format": "json", "stages": [2]}},
+        ),
+    ]
+    print("\n/v1/featuremaps, 1 client: end-to-end over HTTP against the same work in-process")
+    print(f"{'case':<48}{'in-process ms':>14}{'HTTP p50 ms':>12}{'added':>8}")
+    with Server(service_cmd, {}, "/readyz") as server:
+        for name, image, spec in cases:
+            body = multipart({"image": image, "spec": json.dumps(spec)})
+            wrk(server.url + "/v1/featuremaps", body, 1, 2, ctype)
+            http = wrk(server.url + "/v1/featuremaps", body, 1, args.seconds, ctype)
+            work = in_process_featuremaps(image, spec, 15) * 1000
+            print(f"{name:<48}{work:>14.1f}{http.p50_ms:>12.1f}{(http.p50_ms / work - 1) * 100:>7.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
