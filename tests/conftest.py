@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
+from service.readiness import Readiness, warm_up
 
 ROOT = Path(__file__).resolve().parent.parent
 DOG = ROOT / "service" / "samples" / "dog.jpg"
@@ -31,6 +34,20 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 
 def make_client(**overrides: object) -> TestClient:
     return TestClient(create_app(Settings(warmup=False, **overrides)))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def held_warm_up(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Start-up warm-up (model loading included) waits until the test sets the returned event."""
+    gate = threading.Event()
+
+    def gated(readiness: Readiness, *args: Any) -> None:
+        gate.wait(30)
+        warm_up(readiness, *args)
+
+    monkeypatch.setattr("service.main.warm_up", gated)
+    yield gate
+    gate.set()
 
 
 @pytest.fixture(scope="module")

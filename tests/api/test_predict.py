@@ -15,7 +15,6 @@ from PIL import Image
 from service.config import Settings
 from service.datasets import load_mnist
 from service.main import create_app
-from service.readiness import Readiness, warm_up
 from tests.api.test_errors import assert_problem
 from tests.conftest import make_client
 
@@ -309,14 +308,8 @@ def test_batch_limit_is_configurable() -> None:
         assert small.post("/v1/predict", json={"images": B64[:2]}).status_code == 200
 
 
-def test_not_ready_until_the_models_are_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = threading.Event()
-
-    def gated(readiness: Readiness, *args: Any) -> None:
-        gate.wait(30)
-        warm_up(readiness, *args)
-
-    monkeypatch.setattr("service.main.warm_up", gated)
+def test_not_ready_until_the_models_are_loaded(held_warm_up: threading.Event) -> None:
+    gate = held_warm_up
     with TestClient(create_app(Settings(warmup=True))) as c:
         assert c.get("/readyz").status_code == 503
         r = c.post("/v1/predict", json={"image": B64[0]})

@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from scripts.export_openapi import OUT, render
 from service.config import Settings
 from service.main import create_app
-from service.readiness import Readiness, warm_up
 
 REQUIRED_PRESETS = [
     "seed_1", "seed_2", "seed_3", "seed_4", "sobel_x", "sobel_y", "scharr_x", "scharr_y", "prewitt_x", "prewitt_y",
@@ -26,14 +25,8 @@ def test_healthz(client: TestClient) -> None:
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
-def test_readyz_is_503_until_warm_up_finishes_then_200(monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = threading.Event()
-
-    def gated_warm_up(readiness: Readiness, *args: Any) -> None:
-        gate.wait(30)
-        warm_up(readiness, *args)
-
-    monkeypatch.setattr("service.main.warm_up", gated_warm_up)
+def test_readyz_is_503_until_warm_up_finishes_then_200(held_warm_up: threading.Event) -> None:
+    gate = held_warm_up
     with TestClient(create_app(Settings(warmup=True))) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json() == {"status": "starting"}
