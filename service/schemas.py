@@ -147,6 +147,16 @@ class OutputOptions(BaseModel):
         description="PNG level range: each map's min..max, the stage's min..max, or the input's 0..1 (0..255).",
     )
     colormap: Literal["gray", "viridis", "magma", "inferno", "plasma", "coolwarm"] = "gray"
+    tensor_encoding: Literal["list", "base64"] = Field(
+        "list",
+        description="JSON format only. `list`: nested `[C][H][W]` numbers in `data`. `base64`: the raw little-endian "
+        "bytes, C-order `[C][H][W]`, in `data_base64` with `dtype` (several times smaller and faster to parse).",
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="With `tensor_encoding: base64`: float32 (exact) or float16 (half the bytes; about 3 significant "
+        "digits; beyond +-65504 becomes +-inf).",
+    )
 
 
 def _default_layers() -> list[ConvLayer | ActivationLayer | LeakyReluLayer | PoolLayer]:
@@ -261,7 +271,11 @@ class StageOutput(BaseModel):
         description="PNG only: per map `[lo, hi]`; level L stands for lo + (L + 0.5) / 256 * (hi - lo).",
     )
     maps: list[str] | None = Field(None, description="PNG only: one base64 PNG per channel.")
-    data: list[Any] | None = Field(None, description="JSON only: float32 values `[C][H][W]`.")
+    data: list[Any] | None = Field(None, description="JSON with `tensor_encoding: list`: float32 values `[C][H][W]`.")
+    data_base64: str | None = Field(
+        None, description="JSON with `tensor_encoding: base64`: little-endian `dtype` values, C-order `[C][H][W]`."
+    )
+    dtype: Literal["float32", "float16"] | None = Field(None, description="The dtype of `data_base64`.")
 
 
 SEED_1: JsonValue = [[-1, -1, 1, 1]] * 4

@@ -43,7 +43,11 @@ def _stage_output(
         "min": float(maps.min()),
         "max": float(maps.max()),
     }
-    if output.format == "json":
+    if output.format == "json" and output.tensor_encoding == "base64":
+        values = maps.to(torch.float16 if output.dtype == "float16" else torch.float32).cpu().numpy()
+        fields["data_base64"] = base64.b64encode(values.astype(values.dtype.newbyteorder("<")).tobytes()).decode()
+        fields["dtype"] = output.dtype
+    elif output.format == "json":
         fields["data"] = np.ascontiguousarray(maps.cpu().numpy())  # (C, H, W) float32, serialised exactly by orjson
     else:
         levels = imaging.to_levels(maps, output.scale, value_range)
