@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_macs: int = Field(20_000_000_000, ge=1, description="Most multiply-adds one request may cost (413).")
     max_batch: int = Field(64, ge=1, description="Most digits in one /v1/predict batch (413).")
     models_dir: Path = Field(MODELS_DIR, description="Where mnist-{name}.safetensors and .json live.")
+    batch_max_size: int = Field(
+        16, ge=1, description="Most concurrent single-digit predictions run as one forward pass; 1 turns batching off."
+    )
     max_concurrency: int = Field(2, ge=1, description="Requests computing at once (the rest wait in the queue).")
     max_queue: int = Field(32, ge=0, description="Requests that may wait for a compute slot; more get 503.")
     queue_wait_s: float = Field(10.0, gt=0, description="Longest wait for a compute slot before a 503.")

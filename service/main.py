@@ -29,6 +29,7 @@ from service.admission import Admission
 from service.api import featuremaps, filters, health, models, predict
 from service.api import metrics as metrics_api
 from service.api.docs import PROBLEM_JSON
+from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
 from service.errors import (
@@ -242,6 +243,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_wait_s)
     metrics = Metrics(admission)
+    max_pending = max(settings.max_queue, 1) * settings.batch_max_size
+    batcher = MicroBatcher(predict.predict_many, admission, settings.batch_max_size, max_pending)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -262,6 +265,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "readiness": readiness,
             "registry": registry,
             "admission": admission,
+            "batcher": batcher,
             "metrics": metrics,
         }
         readiness.mark_stopping()

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from service.admission import Admission
+from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
 from service.errors import LimitExceededError, UnauthorizedError, UnsupportedMediaError
@@ -75,8 +76,13 @@ async def get_compute(request: Request) -> Admission:
     return cast(Admission, request.state.admission)
 
 
+async def get_batcher(request: Request) -> MicroBatcher[Any, Any]:
+    return cast(MicroBatcher[Any, Any], request.state.batcher)
+
+
 ApiKeyDep = Depends(require_api_key)
 ComputeDep = Annotated[Admission, Depends(get_compute)]
+BatcherDep = Annotated[MicroBatcher[Any, Any], Depends(get_batcher)]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 

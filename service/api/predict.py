@@ -10,10 +10,19 @@ from starlette.responses import Response
 
 from service import classifiers
 from service.api import render
-from service.api.deps import ApiKeyDep, ComputeDep, PredictPayload, PredictPayloadDep, RegistryDep, SettingsDep
+from service.api.deps import (
+    ApiKeyDep,
+    BatcherDep,
+    ComputeDep,
+    PredictPayload,
+    PredictPayloadDep,
+    RegistryDep,
+    SettingsDep,
+)
 from service.api.docs import image_request_body, problem_responses
 from service.config import Settings
 from service.devices import resolve_device
+from service.errors import FeatureMapError
 from service.schemas import ONE_PIXELS, BatchPredictResponse, PredictOptions, PredictResponse
 
 _ERRORS = problem_responses(400, 401, 408, 413, 415, 422, 503, 504)
@@ -33,12 +42,45 @@ RESPONSES: dict[int | str, dict[str, Any]] = {200: {"description": "One predicti
 
 
 async def predict_digit(
-    payload: PredictPayloadDep, compute: ComputeDep, registry: RegistryDep, settings: SettingsDep
+    payload: PredictPayloadDep, compute: ComputeDep, batcher: BatcherDep, registry: RegistryDep, settings: SettingsDep
 ) -> Response:
     """Classify a digit (or a batch): label, confidence, the ten probabilities, and the top k."""
     classifier = registry.get(payload.options.model, loc=("model",))
+    if payload.batch or settings.batch_max_size < 2:
+        result = await compute.run(_predict, payload, classifier, settings)
+    else:  # concurrent single predictions share one forward pass
+        result = await batcher.submit((classifier.name, payload.options.device), (payload, classifier, settings))
     # Built by our own code from validated parts: serialised once with orjson, not re-validated by FastAPI.
-    return render.json_response(await compute.run(_predict, payload, classifier, settings))
+    return render.json_response(result)
+
+
+PredictJob = tuple[PredictPayload, classifiers.Classifier, Settings]
+
+
+def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:
+    """One micro-batch, on a compute thread: each job's digit is prepared on its own (its errors are its own),
+    then one forward pass serves them all. The jobs share model and device (the batcher's key)."""
+    _, classifier, _ = jobs[0]
+    device = resolve_device(jobs[0][0].options.device)
+    prepared: list[classifiers.Preprocessed | Exception] = []
+    for payload, _, settings in jobs:
+        try:
+            [(loc, value)] = payload.inputs
+            prepared.append(
+                classifiers.prepare_digit(value, payload.options.preprocess, settings.max_image_pixels, loc)
+            )
+        except FeatureMapError as e:
+            prepared.append(e)
+    digits = [d for d in prepared if not isinstance(d, Exception)]
+    predictions = iter(classifier.predict(digits, device) if digits else [])
+    results: list[PredictResponse | Exception] = []
+    for (payload, _, _), item in zip(jobs, prepared, strict=True):
+        if isinstance(item, Exception):
+            results.append(item)
+            continue
+        answer = render.digit_prediction(next(predictions), payload.options)
+        results.append(PredictResponse(model=classifier.name, device=str(device), **answer.model_dump()))
+    return results
 
 
 def _predict(

@@ -339,3 +339,31 @@ def test_form_fields_are_documented_in_openapi(client: TestClient) -> None:
         alias["requestBody"] == versioned["requestBody"] and alias["responses"].keys() == versioned["responses"].keys()
     )
     assert alias["operationId"] == "predict_digit_unversioned" and versioned["operationId"] == "predict_digit"
+
+
+def test_concurrent_predictions_keep_their_own_answers_and_a_bad_one_fails_alone(client: TestClient) -> None:
+    requests: list[dict[str, Any]] = [{"json": {"image": b64}} for b64 in B64] * 3
+    requests.insert(5, {"json": {"pixels": [[0] * 28] * 28}})  # blank: no digit
+    outcomes: list[Any] = [None] * len(requests)
+
+    def send(i: int) -> None:
+        outcomes[i] = client.post("/v1/predict", **requests[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, r in enumerate(outcomes):
+        if i == 5:
+            assert_problem(r, 422, "invalid-digit", "pixels", "no digit")
+        else:
+            assert r.status_code == 200, r.text
+            check_prediction(r.json(), LABELS[B64.index(requests[i]["json"]["image"])])
+
+
+def test_batching_can_be_turned_off() -> None:
+    with make_client(batch_max_size=1) as c:
+        r = c.post("/v1/predict", json={"image": B64[0]})
+        assert r.status_code == 200 and r.json()["label"] == LABELS[0]
+        assert not c.app_state["batcher"].batch_sizes
