@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageFilter
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -26,10 +26,9 @@ from service.errors import (
     Loc,
     ModelsLoadingError,
     NoFeatureMapsError,
-    PipelineSpecError,
     UnknownModelError,
 )
-from service.pipeline import Filter, PipelineResult, StagePlan, StageResult
+from service.pipeline import Filter, PipelineResult, StagePlan, StageResult, check_stage_indices
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -87,6 +86,7 @@ MNIST_BOX = 20  # MNIST digits were scaled to fit 20x20 ...
 MNIST_SIZE = 28  # ... and centred by mass in 28x28
 _INK_THRESHOLD = 0.2  # of the stretched range: what counts as ink for the bounding box
 _STROKE_FRACTION = 0.1  # MNIST strokes are about 2 px of the 20 px box
+_WORK_SIDE = 200  # larger crops are first shrunk to this (area-averaged), so work is bounded for any upload
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def preprocess_none(img: Image.Image) -> Preprocessed:
     """An image that is already 28x28 MNIST-style (white on black): grayscale and scale to [0, 1] only."""
     if img.size != (MNIST_SIZE, MNIST_SIZE):
         raise DigitError(f"preprocess 'none' needs a 28x28 image, got {img.width}x{img.height}; use 'mnist'")
-    gray = np.asarray(_flatten_alpha(img, []).convert("L"), dtype=np.float32) / np.float32(255)
+    gray = imaging.to_8bit_array(_flatten_alpha(img, []), "L").astype(np.float32) / np.float32(255)
     return Preprocessed(gray, "none", ("grayscale", "scaled to [0, 1]"))
 
 
@@ -114,13 +114,15 @@ def preprocess_mnist(img: Image.Image) -> Preprocessed:
     the aspect ratio (area-averaged); paste into 28x28 with the centre of mass at the centre.
     """
     steps: list[str] = []
-    gray = np.asarray(_flatten_alpha(img, steps).convert("L"), dtype=np.float32)
+    gray = imaging.to_8bit_array(_flatten_alpha(img, steps), "L").astype(np.float32)
     steps.append("grayscale")
     if float(np.median(_border(gray))) > 127:
         gray = 255 - gray
         steps.append("inverted (light background)")
     ink = np.clip(gray - float(np.median(_border(gray))), 0, None)
-    peak = float(np.percentile(ink, 99.9)) if ink.size > 1000 else float(ink.max())
+    # A high percentile ignores a few hot pixels; a digit drawn small on a large page has too little ink for it.
+    peak = float(np.percentile(ink, 99.9)) if ink.size > 1000 else 0.0
+    peak = peak if peak >= 24 else float(ink.max())
     if peak < 24:
         raise DigitError("no digit found: the image has no ink that stands out from its background")
     ink = np.clip(ink / peak, 0, 1)
@@ -129,12 +131,17 @@ def preprocess_mnist(img: Image.Image) -> Preprocessed:
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     crop = ink[top:bottom, left:right]
     steps.append(f"cropped to the ink: {right - left}x{bottom - top} at ({left}, {top})")
+    if max(crop.shape) > _WORK_SIDE:  # work at a bounded size: thickening below costs side x k per pixel
+        ratio = _WORK_SIDE / max(crop.shape)
+        size = (max(1, round(crop.shape[1] * ratio)), max(1, round(crop.shape[0] * ratio)))
+        crop = np.asarray(Image.fromarray(crop, "F").resize(size, Image.Resampling.BOX))
+        crop = crop / max(float(crop.max()), 1e-6)
     side = max(crop.shape)
     width = _stroke_width(crop > 0.5)
     wanted = _STROKE_FRACTION * side
     if side > MNIST_BOX and width < 0.6 * wanted:
         k = int(round(wanted - width)) | 1  # odd
-        crop = np.asarray(Image.fromarray(crop, "F").filter(ImageFilter.MaxFilter(k)))
+        crop = _dilate(crop, k)
         steps.append(f"strokes thickened ({width:.1f} px -> ~{width + k - 1:.1f} px of {side})")
     scale = MNIST_BOX / side
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
@@ -171,6 +178,15 @@ def _flatten_alpha(img: Image.Image, steps: list[str]) -> Image.Image:
     canvas.paste(rgba, mask=rgba.getchannel("A"))
     steps.append(f"transparency flattened onto {'white' if ink_is_dark else 'black'}")
     return canvas
+
+
+def _dilate(a: np.ndarray, k: int) -> np.ndarray:
+    """Grey-level dilation by a k x k square, separably: two passes of a 1-D running max, O(pixels x k)."""
+    pad = k // 2
+    for axis in (0, 1):
+        padded = np.pad(a, [(pad, pad) if ax == axis else (0, 0) for ax in (0, 1)])
+        a = np.lib.stride_tricks.sliding_window_view(padded, k, axis=axis).max(axis=-1)
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _border(a: np.ndarray) -> np.ndarray:
@@ -316,11 +332,7 @@ def cnn_featuremaps(
     x = torch.from_numpy(digit.pixels)[None, None].to(device)
     layers = list(features)
     if stages is not None:
-        for k, s in enumerate(stages):
-            if not 0 <= s < len(layers):
-                raise PipelineSpecError.at(
-                    ("output", "stages", k), f"stage {s} does not exist; the model has stages 0..{len(layers) - 1}"
-                )
+        check_stage_indices(stages, len(layers))
     with torch.inference_mode():
         h = (x - nets.MNIST_MEAN) / nets.MNIST_STD
         outputs: list[torch.Tensor] = []

@@ -62,15 +62,20 @@ def image_to_tensor(
 
     Values are 0..255, divided by 255 when `normalize` is "unit" (as the tutorial's `/255` and ToTensor do).
     """
-    img = _to_8bit(img)
-    try:
-        arr = np.asarray(img.convert("L" if color == "gray" else "RGB"))
-    except (ValueError, OSError) as e:
-        raise UnsupportedMediaError(f"images in mode {img.mode} cannot be converted to {color}: {e}") from None
-    t = torch.from_numpy(arr.copy())
+    arr = to_8bit_array(img, "L" if color == "gray" else "RGB")
+    t = torch.from_numpy(arr)
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
     t = t.to(torch.float32)
     return t / 255 if normalize == "unit" else t
+
+
+def to_8bit_array(img: Image.Image, mode: Literal["L", "RGB"]) -> np.ndarray:
+    """Any decoded image -> `(H, W)` (L) or `(H, W, 3)` (RGB) uint8, a writable copy; 16-bit scaled, not clipped."""
+    img = _to_8bit(img)
+    try:
+        return np.array(img.convert(mode))
+    except (ValueError, OSError) as e:
+        raise UnsupportedMediaError(f"images in mode {img.mode} cannot be converted to {mode}: {e}") from None
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -30,6 +30,7 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "sigmoid", "tanh", "abs")
 PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
 _TORCH_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 INPUT_CHANNELS: dict[str, tuple[str, ...]] = {"gray": ("gray",), "rgb": ("R", "G", "B")}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,12 @@ def parse_kernel(value: object, loc: Loc) -> np.ndarray:
     for i, v in enumerate(flat):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise fail(f"has a non-numeric value {v!r} (element {i} in row-major order)")
+        if isinstance(v, int) and abs(v) > _FLOAT32_MAX:  # before float(): ints may exceed any float
+            raise fail("has a value too large for float32")
         if not math.isfinite(v):
             raise fail(f"has a non-finite value {v!r} (element {i} in row-major order)")
     kernel = np.asarray(flat, dtype=np.float64).reshape(shape)
-    if np.abs(kernel).max(initial=0.0) > np.finfo(np.float32).max:
+    if np.abs(kernel).max(initial=0.0) > _FLOAT32_MAX:
         raise fail("has a value too large for float32")
     out = kernel.astype(np.float32)
     out.setflags(write=False)
@@ -389,6 +392,19 @@ def _run_conv(layer: Conv, x: torch.Tensor) -> torch.Tensor:
     return maps.contiguous()
 
 
+def check_stage_indices(stages: Sequence[int], count: int) -> None:
+    """Each requested stage must exist and be asked for once (a repeat would multiply the response)."""
+    seen: set[int] = set()
+    for k, s in enumerate(stages):
+        if not 0 <= s < count:
+            raise PipelineSpecError.at(
+                ("output", "stages", k), f"stage {s} does not exist; the pipeline has stages 0..{count - 1}"
+            )
+        if s in seen:
+            raise PipelineSpecError.at(("output", "stages", k), f"stage {s} is asked for twice")
+        seen.add(s)
+
+
 def run_pipeline(
     image: torch.Tensor,
     spec: PipelineSpec,
@@ -404,11 +420,7 @@ def run_pipeline(
     c, h, w = image.shape
     plans = plan(spec, h, w, limits)
     wanted = range(len(plans)) if stages is None else stages
-    for k, s in enumerate(wanted):
-        if not 0 <= s < len(plans):
-            raise PipelineSpecError.at(
-                ("output", "stages", k), f"stage {s} does not exist; the pipeline has stages 0..{len(plans) - 1}"
-            )
+    check_stage_indices(wanted, len(plans))
     keep = set(wanted)
     last = max(keep, default=-1)
     kept: dict[int, StageResult] = {}

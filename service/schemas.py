@@ -139,7 +139,8 @@ class OutputOptions(BaseModel):
 
     format: Literal["png", "json"] = Field("png", description="`png`: 8-bit PNG per map; `json`: exact float32.")
     stages: Annotated[
-        Annotated[Literal["all"], Tag("name")] | Annotated[list[Annotated[int, Field(ge=0)]], Tag("items")],
+        Annotated[Literal["all"], Tag("name")]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=256), Tag("items")],
         Discriminator(_tag_by_type),
     ] = Field("all", description="`all`, or the indices (into `layers`) of the stages to return, in that order.")
     scale: Literal["per_map", "per_stage", "none"] = Field(

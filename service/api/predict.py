@@ -22,7 +22,6 @@ from service.api.deps import (
 from service.api.docs import image_request_body, problem_responses
 from service.config import Settings
 from service.devices import resolve_device
-from service.errors import FeatureMapError
 from service.schemas import ONE_PIXELS, BatchPredictResponse, PredictOptions, PredictResponse
 
 _ERRORS = problem_responses(400, 401, 408, 413, 415, 422, 503, 504)
@@ -69,7 +68,7 @@ def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:
             prepared.append(
                 classifiers.prepare_digit(value, payload.options.preprocess, settings.max_image_pixels, loc)
             )
-        except FeatureMapError as e:
+        except Exception as e:  # a client error (4xx) or a bug (500): either way, only this request's
             prepared.append(e)
     digits = [d for d in prepared if not isinstance(d, Exception)]
     predictions = iter(classifier.predict(digits, device) if digits else [])

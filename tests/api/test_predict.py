@@ -29,6 +29,7 @@ def as_png(pixels: np.ndarray, invert: bool = False, size: int = 28) -> bytes:
     return buf.getvalue()
 
 
+LAB_TIFF = (lambda buf: (Image.new("LAB", (40, 40)).save(buf, format="TIFF"), buf.getvalue())[1])(io.BytesIO())
 DRAWN = [as_png(TEST.images[i], invert=True, size=224) for i in range(8)]  # dark on white, 8x larger
 B64 = [base64.b64encode(b).decode() for b in DRAWN]
 
@@ -217,6 +218,7 @@ PREDICT_ERRORS: list[tuple[str, dict[str, Any], int, str, str | None, str]] = [
         "no digit",
     ),
     ("not an image", {"files": {"image": ("d.txt", b"seven")}}, 415, "unsupported-media-type", "image", "PNG"),
+    ("LAB image", {"files": {"image": ("d.tif", LAB_TIFF)}}, 415, "unsupported-media-type", "image", "LAB"),
     (
         "unknown form field",
         {"files": {"image": ("d.png", DRAWN[0])}, "data": {"modle": "cnn"}},
@@ -284,6 +286,14 @@ def test_predict_errors(
             422,
             "invalid-spec",
             "stages 0..8",
+        ),
+        (
+            "POST",
+            "/v1/models/cnn/featuremaps",
+            {"json": {"image": B64[0], "output": {"stages": [1, 1]}}},
+            422,
+            "invalid-spec",
+            "asked for twice",
         ),
         (
             "POST",

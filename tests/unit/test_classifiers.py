@@ -128,6 +128,8 @@ CASES = {
         canvas((280, 280), (0, 0, 0, 0), "RGBA"), (50, 50, 230, 240), 16, (255, 255, 255, 255)
     ),
     "tiny": draw_seven(canvas((12, 12), 255), (2, 2, 10, 10), 1, 0),
+    "small on a large page": draw_seven(canvas((2000, 1500), 255), (1700, 1200, 1790, 1300), 6, 0),
+    "hair-thin on a huge canvas": draw_seven(canvas((4000, 4000), 255), (200, 200, 3800, 3800), 3, 0),
 }
 
 
@@ -158,6 +160,14 @@ def test_preprocess_mnist_leaves_an_mnist_digit_almost_unchanged(test_set) -> No
     for i in range(20):
         p = preprocess_mnist(Image.fromarray(test_set.images[i]))
         assert np.abs(p.pixels - test_set.images[i] / 255).mean() < 0.08
+
+
+def test_16_bit_digits_are_scaled_not_clipped() -> None:
+    wide = np.zeros((28, 28), np.uint16)
+    wide[6:22, 12:16] = 65535
+    wide[0, 0] = 200 * 257
+    p = preprocess_none(Image.fromarray(wide))
+    assert p.pixels[10, 13] == 1.0 and p.pixels[0, 0] == pytest.approx(200 / 255)
 
 
 def test_preprocess_none_scales_only_and_needs_28x28(test_set) -> None:  # type: ignore[no-untyped-def]
