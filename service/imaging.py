@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,6 +128,20 @@ def to_levels(maps: torch.Tensor, scale: Scale, value_range: float) -> Levels:
 def colorize(levels: np.ndarray, colormap: str) -> np.ndarray:
     """`(H, W)` uint8 levels -> `(H, W)` gray or `(H, W, 3)` RGB uint8."""
     return levels if colormap == "gray" else LUTS[colormap][levels]
+
+
+_ENCODERS: ThreadPoolExecutor | None = None
+_PARALLEL_FROM_PIXELS = 256 * 1024  # below this, a thread hop costs more than it saves
+
+
+def encode_pngs(images: Sequence[np.ndarray]) -> list[bytes]:
+    """Many maps -> PNGs, in order; in parallel threads when large (zlib releases the GIL while it works)."""
+    global _ENCODERS
+    if len(images) < 2 or sum(img.size for img in images) < _PARALLEL_FROM_PIXELS:
+        return [encode_png(img) for img in images]
+    if _ENCODERS is None:
+        _ENCODERS = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="png")
+    return list(_ENCODERS.map(encode_png, images))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -52,11 +52,9 @@ def _stage_output(
     else:
         levels = imaging.to_levels(maps, output.scale, value_range)
         fields["map_ranges"] = [[lo, hi] for lo, hi in zip(levels.lo, levels.hi, strict=True)]
-        maps_b64 = []
-        for lv in levels.levels:
-            check_deadline(deadline, f"encoding the maps of stage {stage.plan.index}")
-            maps_b64.append(base64.b64encode(imaging.encode_png(imaging.colorize(lv, output.colormap))).decode("ascii"))
-        fields["maps"] = maps_b64
+        check_deadline(deadline, f"encoding the maps of stage {stage.plan.index}")
+        pngs = imaging.encode_pngs([imaging.colorize(lv, output.colormap) for lv in levels.levels])
+        fields["maps"] = [base64.b64encode(png).decode("ascii") for png in pngs]
     return StageOutput.model_construct(**fields)
 
 

@@ -242,3 +242,11 @@ def test_random_byte_flips_never_escape_as_other_errors(seed: int) -> None:
         imaging.image_to_tensor(img, "rgb", "unit")
     except (ImageDecodeError, LimitExceededError):
         pass
+
+
+def test_parallel_png_encoding_keeps_order_and_pixels() -> None:
+    maps = [RNG.integers(0, 256, (300, 300), dtype=np.uint8) for _ in range(6)]
+    pngs = imaging.encode_pngs(maps)  # large enough to go through the thread pool
+    assert len(pngs) == 6
+    for png, m in zip(pngs, maps, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), m)
