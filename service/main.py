@@ -26,28 +26,23 @@ from starlette.responses import JSONResponse, Response
 
 from service import __version__
 from service.admission import Admission
-from service.api import featuremaps, filters, health, models, predict
+from service.api import featuremaps, filters, health, models, predict, problem_types
 from service.api import metrics as metrics_api
 from service.api.docs import PROBLEM_JSON
+from service.api.problem_types import PROBLEM_TYPES
 from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
 from service.errors import (
-    ComputeTimeoutError,
     DeviceUnavailableError,
-    DigitError,
     FeatureMapError,
-    ImageDecodeError,
-    LimitExceededError,
     Loc,
     ModelsLoadingError,
-    NoFeatureMapsError,
     OverloadedError,
     PipelineSpecError,
     RequestTimeoutError,
     UnauthorizedError,
     UnknownModelError,
-    UnsupportedMediaError,
     format_loc,
 )
 from service.middleware import BodyLimitMiddleware
@@ -62,23 +57,6 @@ from service.schemas import (
 )
 
 log = logging.getLogger("service")
-
-# Domain error -> (status, problem type slug, title). Order matters: subclasses before their bases.
-PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str], ...] = (
-    (UnsupportedMediaError, 415, "unsupported-media-type", "Unsupported media type"),
-    (ImageDecodeError, 422, "invalid-image", "Invalid image"),
-    (PipelineSpecError, 422, "invalid-spec", "Invalid pipeline spec"),
-    (LimitExceededError, 413, "limit-exceeded", "Limit exceeded"),
-    (DigitError, 422, "invalid-digit", "Not a readable digit"),
-    (NoFeatureMapsError, 404, "no-feature-maps", "No feature maps"),
-    (UnknownModelError, 404, "unknown-model", "Unknown model"),
-    (ModelsLoadingError, 503, "models-loading", "Models loading"),
-    (DeviceUnavailableError, 422, "device-unavailable", "Device unavailable"),
-    (OverloadedError, 503, "overloaded", "Overloaded"),
-    (ComputeTimeoutError, 504, "compute-timeout", "Compute time limit passed"),
-    (RequestTimeoutError, 408, "request-timeout", "Request body too slow"),
-    (UnauthorizedError, 401, "unauthorized", "Unauthorized"),
-)
 
 DESCRIPTION = """Shows what a convolutional network sees: post an image and a pipeline of filters, activations and
 pooling; get every stage's feature maps back as PNGs or exact float32 tensors.
@@ -292,7 +270,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_problem_handlers(app)
-    routers = (health, metrics_api, filters, featuremaps, predict, models)
+    routers = (health, metrics_api, problem_types, filters, featuremaps, predict, models)
     for router in (*(m.router for m in routers), predict.unversioned):
         app.include_router(router)
 

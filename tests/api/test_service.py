@@ -98,3 +98,14 @@ def test_every_operation_has_a_worked_example(client: TestClient) -> None:
                 assert all("example" in c for c in content.values()), f"{method.upper()} {path}: no example"
             if "requestBody" in op:
                 assert any("examples" in c or "example" in str(c) for c in op["requestBody"]["content"].values())
+
+
+def test_every_problem_type_in_an_error_resolves_to_its_description(client: TestClient) -> None:
+    listed = {p["type"]: p for p in client.get("/problems").json()}
+    assert {"/problems/invalid-spec", "/problems/invalid-request", "/problems/overloaded"} <= set(listed)
+    for type_uri, doc in listed.items():
+        r = client.get(type_uri)
+        assert r.status_code == 200 and r.json() == doc and doc["description"]
+    bad = client.post("/v1/featuremaps", json={"image": "%%%"}).json()
+    assert client.get(bad["type"]).json()["status"] == bad["status"] == 422
+    assert client.get("/problems/no-such-problem").status_code == 404
