@@ -162,9 +162,10 @@ def install_problem_handlers(app: FastAPI) -> None:
             if isinstance(exc.detail, str) and exc.detail != phrase
             else _HTTP_DETAIL.get(exc.status_code, phrase)
         )
-        if exc.status_code == 404:
+        default = exc.detail == phrase  # raised by routing itself, not with a message of our own
+        if exc.status_code == 404 and default:
             detail = f"no route {request.method} {request.url.path}; see /docs"
-        elif exc.status_code == 405:
+        elif exc.status_code == 405 and default:
             detail = f"{request.method} is not allowed on {request.url.path}"
         return problem(exc.status_code, detail, request, headers=dict(exc.headers) if exc.headers else None)
 

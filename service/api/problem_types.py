@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from fastapi.exceptions import HTTPException
 from pydantic import BaseModel, Field
 
+from service.api.docs import problem_responses
 from service.errors import (
     ComputeTimeoutError,
     DeviceUnavailableError,
@@ -71,7 +72,7 @@ def _first_line(cls: type[FeatureMapError]) -> str:
 
 
 CATALOGUE = _catalogue()
-router = APIRouter(prefix="/problems", tags=["health"])
+router = APIRouter(prefix="/problems", tags=["health"], responses=problem_responses(404))
 
 
 @router.get("", response_model=list[ProblemType])
@@ -84,5 +85,5 @@ async def list_problem_types() -> list[ProblemType]:
 async def describe_problem_type(slug: str) -> ProblemType:
     """What one problem type means: the `type` of an error body resolves here."""
     if slug not in CATALOGUE:
-        raise HTTPException(404)
+        raise HTTPException(404, f"no problem type {slug!r}; GET /problems lists them")
     return CATALOGUE[slug]

@@ -108,4 +108,5 @@ def test_every_problem_type_in_an_error_resolves_to_its_description(client: Test
         assert r.status_code == 200 and r.json() == doc and doc["description"]
     bad = client.post("/v1/featuremaps", json={"image": "%%%"}).json()
     assert client.get(bad["type"]).json()["status"] == bad["status"] == 422
-    assert client.get("/problems/no-such-problem").status_code == 404
+    missing = client.get("/problems/no-such-problem")
+    assert missing.status_code == 404 and "GET /problems lists them" in missing.json()["detail"]
