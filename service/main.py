@@ -29,7 +29,7 @@ from service.admission import Admission
 from service.api import featuremaps, filters, health, models, predict, problem_types
 from service.api import metrics as metrics_api
 from service.api.docs import PROBLEM_JSON
-from service.api.problem_types import PROBLEM_TYPES
+from service.api.problem_types import OTHER_PROBLEMS, PROBLEM_TYPES
 from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
@@ -116,7 +116,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(FeatureMapError)
     async def domain_error(request: Request, exc: Exception) -> Response:
         status, slug, title = next(
-            ((status, slug, title) for cls, status, slug, title in PROBLEM_TYPES if isinstance(exc, cls)),
+            ((status, slug, title) for cls, status, slug, title, _ in PROBLEM_TYPES if isinstance(exc, cls)),
             (400, "bad-request", "Bad request"),
         )
         assert isinstance(exc, FeatureMapError)
@@ -151,7 +151,8 @@ def install_problem_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {"field": "", "detail": "invalid request"}
         where = f"{first['field']}: " if first["field"] else ""
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        return problem(422, f"{where}{first['detail']}{more}", request, "invalid-request", "Invalid request", errors)
+        status, title, _ = OTHER_PROBLEMS["invalid-request"]
+        return problem(status, f"{where}{first['detail']}{more}", request, "invalid-request", title, errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -177,7 +178,8 @@ def install_problem_handlers(app: FastAPI) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         detail = "the device ran out of memory for this request; retry later or ask for less"
-        return problem(503, detail, request, "out-of-memory", "Out of memory", headers={"Retry-After": "1"})
+        status, title, _ = OTHER_PROBLEMS["out-of-memory"]
+        return problem(status, detail, request, "out-of-memory", title, headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:

@@ -25,22 +25,25 @@ from service.errors import (
     UnsupportedMediaError,
 )
 
-# Domain error -> (status, problem type slug, title). Order matters: subclasses before their bases.
-PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str], ...] = (
-    (UnsupportedMediaError, 415, "unsupported-media-type", "Unsupported media type"),
-    (ImageDecodeError, 422, "invalid-image", "Invalid image"),
-    (PipelineSpecError, 422, "invalid-spec", "Invalid pipeline spec"),
-    (LimitExceededError, 413, "limit-exceeded", "Limit exceeded"),
-    (DigitError, 422, "invalid-digit", "Not a readable digit"),
-    (NoFeatureMapsError, 404, "no-feature-maps", "No feature maps"),
-    (UnknownModelError, 404, "unknown-model", "Unknown model"),
-    (ModelsLoadingError, 503, "models-loading", "Models loading"),
-    (DeviceUnavailableError, 422, "device-unavailable", "Device unavailable"),
-    (OverloadedError, 503, "overloaded", "Overloaded"),
-    (ComputeTimeoutError, 504, "compute-timeout", "Compute time limit passed"),
-    (RequestTimeoutError, 408, "request-timeout", "Request body too slow"),
-    (UnauthorizedError, 401, "unauthorized", "Unauthorized"),
+# Domain error -> (status, problem type slug, title, what it means to a client).
+# Order matters: subclasses before their bases.
+# fmt: off
+PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str, str], ...] = (
+    (UnsupportedMediaError, 415, "unsupported-media-type", "Unsupported media type", "The body is neither multipart nor JSON, or the file is not PNG, JPEG, BMP, GIF, WebP or TIFF."),
+    (ImageDecodeError, 422, "invalid-image", "Invalid image", "The file is empty, corrupt or truncated."),
+    (PipelineSpecError, 422, "invalid-spec", "Invalid pipeline spec", "The spec is well-formed but cannot run; `errors` says where and why."),
+    (LimitExceededError, 413, "limit-exceeded", "Limit exceeded", "A configured limit was exceeded: body size, image pixels, stages, filters, kernel side, output or work."),
+    (DigitError, 422, "invalid-digit", "Not a readable digit", "The image or pixels cannot be read as one digit (blank, wrong size, values out of range)."),
+    (NoFeatureMapsError, 404, "no-feature-maps", "No feature maps", "The model has no convolutional layers to show."),
+    (UnknownModelError, 404, "unknown-model", "Unknown model", "No model of that name is served; the detail lists those that are."),
+    (ModelsLoadingError, 503, "models-loading", "Models loading", "The models are still loading at start-up; retry after Retry-After."),
+    (DeviceUnavailableError, 422, "device-unavailable", "Device unavailable", "The requested device is not present; `available_devices` lists those that are."),
+    (OverloadedError, 503, "overloaded", "Overloaded", "Every compute slot is busy and the queue is full; retry after Retry-After."),
+    (ComputeTimeoutError, 504, "compute-timeout", "Compute time limit passed", "The request's work passed the per-request compute time limit and was stopped."),
+    (RequestTimeoutError, 408, "request-timeout", "Request body too slow", "The request body did not arrive within the configured time."),
+    (UnauthorizedError, 401, "unauthorized", "Unauthorized", "An API key is required: send X-API-Key or Authorization: Bearer."),
 )
+# fmt: on
 
 
 # Problems that are not domain errors: (status, title, what it means).
@@ -58,17 +61,12 @@ class ProblemType(BaseModel):
 
 
 def _catalogue() -> dict[str, ProblemType]:
-    types = {
-        slug: ProblemType(type=f"/problems/{slug}", title=title, status=status, description=_first_line(cls))
-        for cls, status, slug, title in PROBLEM_TYPES
+    rows = [(slug, status, title, text) for _, status, slug, title, text in PROBLEM_TYPES]
+    rows += [(slug, status, title, text) for slug, (status, title, text) in OTHER_PROBLEMS.items()]
+    return {
+        slug: ProblemType(type=f"/problems/{slug}", title=title, status=status, description=text)
+        for slug, status, title, text in rows
     }
-    for slug, (status, title, text) in OTHER_PROBLEMS.items():
-        types[slug] = ProblemType(type=f"/problems/{slug}", title=title, status=status, description=text)
-    return types
-
-
-def _first_line(cls: type[FeatureMapError]) -> str:
-    return (cls.__doc__ or cls.__name__).strip().split("\n")[0]
 
 
 CATALOGUE = _catalogue()
