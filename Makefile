@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck unit openapi lock clean
+.PHONY: run test lint typecheck unit openapi lock clean system-tools
 
 run: $(VENV)/.runtime-installed
 	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev-installed
+test: $(VENV)/.dev-installed system-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -29,6 +29,17 @@ $(VENV)/.runtime-installed: requirements.txt | $(VENV)/bin/python
 $(VENV)/.dev-installed: requirements-dev.txt requirements.txt | $(VENV)/bin/python
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $(VENV)/.runtime-installed $@
+
+# Debian tools the tests drive as real clients and peers: headless Chromium and its driver (the demo page),
+# nginx (the scale-out check and `nginx -t`). Installed only when missing; needs root or sudo, as in CI.
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/chromedriver /usr/sbin/nginx
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-tools:
+	@for tool in $(SYSTEM_TOOLS); do [ -x $$tool ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver nginx; \
+	fi
 
 lock:
 	rm -rf /tmp/featuremap-lock && $(PYTHON) -m venv /tmp/featuremap-lock

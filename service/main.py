@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from service import __version__
 from service.admission import Admission
-from service.api import featuremaps, filters, health, models, predict, problem_types
+from service.api import demo, featuremaps, filters, health, models, oip, predict, problem_types
 from service.api import metrics as metrics_api
 from service.api.docs import PROBLEM_JSON
 from service.api.problem_types import OTHER_PROBLEMS, PROBLEM_TYPES
@@ -273,7 +273,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_problem_handlers(app)
-    routers = (health, metrics_api, problem_types, filters, featuremaps, predict, models)
+    routers = (health, metrics_api, problem_types, filters, featuremaps, predict, models, oip, demo)
     for router in (*(m.router for m in routers), predict.unversioned):
         app.include_router(router)
 
