@@ -13,7 +13,8 @@ FeatureMapError                  (every one may carry `loc`, the request field a
  ├── ComputeTimeoutError         the work passed the per-request compute limit
  ├── RequestTimeoutError         the client sent its body too slowly
  ├── UnauthorizedError           an API key is required and missing or wrong
- └── DeviceUnavailableError      the requested device is not present
+ ├── DeviceUnavailableError      the requested device is not present
+ └── InferenceRequestError       an Open Inference Protocol request that is malformed or does not fit the model
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ class DeviceUnavailableError(FeatureMapError):
         self.available = tuple(available)
         detail = f"device {requested!r} is not available here; available: {', '.join(self.available)}"
         super().__init__(detail, ("device",))
+
+
+class InferenceRequestError(FeatureMapError):
+    """An Open Inference Protocol (/v2) request is malformed or does not fit the model: input name, datatype,
+    shape, data, binary framing or requested outputs; `loc` names the field (`inputs[0].shape`), and the detail
+    starts with it, since protocol clients show the detail alone."""
+
+    def __init__(self, detail: str, loc: Loc | None = None) -> None:
+        super().__init__(f"{format_loc(loc)}: {detail}" if loc else detail, loc)
 
 
 def format_loc(loc: Loc) -> str:

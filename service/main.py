@@ -84,6 +84,8 @@ def problem(
     if errors:
         body["errors"] = errors
     body.update(extra)
+    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+        body["error"] = detail  # Open Inference Protocol clients (tritonclient, KServe) show `error`
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 

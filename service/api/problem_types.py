@@ -14,6 +14,7 @@ from service.errors import (
     DigitError,
     FeatureMapError,
     ImageDecodeError,
+    InferenceRequestError,
     LimitExceededError,
     ModelsLoadingError,
     NoFeatureMapsError,
@@ -42,6 +43,7 @@ PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str, str], ...] = (
     (ComputeTimeoutError, 504, "compute-timeout", "Compute time limit passed", "The request's work passed the per-request compute time limit and was stopped."),
     (RequestTimeoutError, 408, "request-timeout", "Request body too slow", "The request body did not arrive within the configured time."),
     (UnauthorizedError, 401, "unauthorized", "Unauthorized", "An API key is required: send X-API-Key or Authorization: Bearer."),
+    (InferenceRequestError, 400, "invalid-inference-request", "Invalid inference request", "An Open Inference Protocol (/v2) request is malformed or does not fit the model (input name, datatype, shape, data, binary sizes, outputs); `error` repeats `detail` for KServe and Triton clients."),
 )
 # fmt: on
 
