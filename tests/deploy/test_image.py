@@ -1,0 +1,39 @@
+"""The image's entry command, read from the Dockerfile (final ENV, WORKDIR, CMD, HEALTHCHECK) and run as a plain
+process here with the same environment, serves the app; its health check passes while it runs and fails after."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from tests.deploy.harness import image_instances, parse_dockerfile
+
+pytestmark = pytest.mark.e2e
+
+
+def test_the_image_is_configured_as_the_deployment_expects() -> None:
+    image = parse_dockerfile(base_env={"PATH": "/usr/local/bin:/usr/bin:/bin"})
+    assert image.cmd[:3] == ["python", "-m", "service"] and "--workers" not in image.cmd  # workers: WEB_CONCURRENCY
+    assert image.env["WEB_CONCURRENCY"] == "1"
+    assert image.env["PATH"].startswith(f"{image.env['VIRTUAL_ENV']}/bin:")
+    assert image.user.split(":")[0] not in ("", "0", "root")
+    assert image.healthcheck[0] == "python" and "/healthz" in " ".join(image.healthcheck)  # no curl in a slim image
+
+
+def test_the_entry_command_serves_readiness_and_passes_its_health_check() -> None:
+    with image_instances(1) as (instance,):
+        # Ready (image_instances waits for /readyz 200); the HEALTHCHECK command, run with the image's environment.
+        env = {**os.environ, **instance.run.env}
+        check = subprocess.run(instance.run.healthcheck, env=env, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+        assert any(e["path"] == "/healthz" and e["status"] == 200 for e in instance.access_log())
+
+        instance.proc.send_signal(signal.SIGTERM)  # what docker stop sends to PID 1
+        # uvicorn re-raises the signal after its graceful shutdown (as PID 1, where it is ignored, the exit is 0).
+        assert instance.proc.wait(60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in instance.log.read_text()
+        check = subprocess.run(instance.run.healthcheck, env=env, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 1, (check.returncode, check.stderr)  # Docker's "unhealthy"
