@@ -29,12 +29,15 @@ class RequestInput(BaseModel):
 
     model_config = _STRICT
 
-    name: str = Field(max_length=256, examples=["input"], description="`input`, the model's one input.")
+    # The enums document what the model takes; `service.oip` checks them, with messages that say what fits.
+    name: str = Field(
+        max_length=256, description="`input`, the model's one input.", json_schema_extra={"enum": ["input"]}
+    )
     shape: Shape = Field(examples=[[1, 1, 28, 28]], description="FP32 `[N, 1, 28, 28]` or UINT8 `[N, 28, 28]`.")
     datatype: str = Field(
         max_length=16,
-        examples=["FP32"],
         description="`FP32` (values in [0, 1], pixels / 255) or `UINT8` (pixels 0..255); white digit on black.",
+        json_schema_extra={"enum": ["FP32", "UINT8"]},
     )
     parameters: Parameters | None = Field(
         None, description="`binary_data_size`: the tensor's bytes follow the JSON header (binary extension)."
@@ -49,7 +52,7 @@ class RequestOutput(BaseModel):
 
     model_config = _STRICT
 
-    name: str = Field(max_length=256, examples=["probabilities"])
+    name: str = Field(max_length=256, json_schema_extra={"enum": ["probabilities"]})
     parameters: Parameters | None = Field(None, description="`binary_data`: true for raw little-endian bytes.")
 
 
