@@ -240,7 +240,7 @@ export class PipelineEditor {
 
   convBody(layer, i, id) {
     const catalogue = this.catalogue();
-    const chips = h('div', { class: 'chips', role: 'list', 'aria-label': `Stage ${i} filters` },
+    const chips = h('div', { class: 'chips', 'data-field': 'filters', role: 'list', 'aria-label': `Stage ${i} filters` },
       layer.filters.map((f, j) => {
         const kernel = f.kernel ?? this.presetKernel(f.name);
         return h('span', { class: f.kernel ? 'chip custom' : 'chip', role: 'listitem' },

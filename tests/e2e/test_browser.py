@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,6 +16,7 @@ from typing import Any, TypeVar
 import httpx2 as httpx
 import numpy as np
 import pytest
+import uvicorn
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
@@ -24,7 +27,10 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
+from service.config import Settings
+from service.main import create_app
 from tests.conftest import DOG, ROOT
+from tests.e2e.conftest import ThreadedServer
 
 pytestmark = pytest.mark.e2e
 
@@ -290,3 +296,36 @@ def test_every_control_has_an_accessible_name(page: WebDriver) -> None:
     """)
     assert unnamed == []
     assert len(page.find_elements(By.CSS_SELECTOR, ".kgrid input")) == 16  # seed_1 is 4x4
+
+
+@pytest.fixture(scope="module")
+def keyed_base_url() -> Iterator[str]:
+    """A second server, one that wants an API key (models loaded before it accepts connections)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    host, port = sock.getsockname()
+    settings = Settings(api_keys=["demo-key"], warmup=False)
+    server = ThreadedServer(uvicorn.Config(create_app(settings), log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(server, lambda s: s.started or not thread.is_alive(), "uvicorn did not start", 30)
+    assert server.started, "uvicorn did not start"
+    yield f"http://{host}:{port}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_with_api_keys_the_page_loads_asks_for_a_key_and_sends_it(browser: WebDriver, keyed_base_url: str) -> None:
+    browser.get(f"{keyed_base_url}/")  # the page and its assets need no key
+    wait_for(browser, lambda d: d.find_element(By.ID, "fm-results").get_attribute("data-state") == "error", "no 401")
+    problem = browser.find_element(By.ID, "fm-problem")
+    assert problem.find_element(By.CLASS_NAME, "problem-title").text == "Unauthorized"
+    assert "API key" in problem.find_element(By.CLASS_NAME, "problem-detail").text
+
+    before = run_count(browser, "fm-results")
+    browser.find_element(By.ID, "api-key").send_keys("demo-key", Keys.ENTER)
+    assert finish(browser, "fm-results", before) == "done"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#fm-results section.stage")) == 3
+    assert not browser.find_element(By.ID, "page-problem").is_displayed()
+    browser.execute_script("sessionStorage.clear()")  # the key stays with this page's session only
