@@ -16,18 +16,22 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
 
 from service import __version__
 from service.admission import Admission
 from service.api import demo, featuremaps, filters, health, models, oip, predict, problem_types
 from service.api import metrics as metrics_api
+from service.api.deps import API_KEY_SCHEMES, require_api_key
 from service.api.docs import PROBLEM_JSON
 from service.api.problem_types import OTHER_PROBLEMS, PROBLEM_TYPES
 from service.batching import MicroBatcher
@@ -220,6 +224,31 @@ def _unique_id(route: APIRoute) -> str:
     return route.name
 
 
+def _publish_api_key_security(schema: dict[str, Any], routes: list[BaseRoute]) -> None:
+    """The key schemes on every operation that `require_api_key` guards (it reads the headers itself)."""
+
+    def guarded(dependant: Dependant) -> bool:
+        return dependant.call is require_api_key or any(guarded(d) for d in dependant.dependencies)
+
+    secured = [
+        route  # a route as included (prefix and router dependencies applied)
+        for route in iter_route_contexts(routes)
+        if isinstance(getattr(route, "dependant", None), Dependant)
+        and route.include_in_schema
+        and guarded(route.dependant)
+    ]
+    for route in secured:
+        for method in route.methods or ():
+            schema["paths"][route.path_format][method.lower()]["security"] = [
+                {scheme.scheme_name: []} for scheme in API_KEY_SCHEMES
+            ]
+    if secured:
+        schema["components"]["securitySchemes"] = {
+            scheme.scheme_name: jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
+            for scheme in API_KEY_SCHEMES
+        }
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app around `settings` (read from FEATUREMAP_* variables when not given)."""
     settings = settings or Settings()
@@ -288,6 +317,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 [(model, "validation") for model in bodies], ref_template="#/components/schemas/{model}"
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(extra.get("$defs", {}))
+            _publish_api_key_security(schema, app.routes)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,9 +25,17 @@ _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 class JSONFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, the request id, extras, and any traceback."""
 
+    _second: tuple[int, str] = (-1, "")  # the last whole second formatted: one access line per request reuses it
+
+    def _time(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if self._second[0] != second:
+            self._second = (second, self.formatTime(record, "%Y-%m-%dT%H:%M:%S"))
+        return f"{self._second[1]}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "time": self._time(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -37,7 +46,10 @@ class JSONFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and k != "request_id"})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except (orjson.JSONEncodeError, TypeError):  # what orjson will not take (an int beyond 64 bits, say)
+            return json.dumps(entry, default=str)
 
 
 JSONFormatter.converter = time.gmtime
@@ -63,6 +75,21 @@ class Metrics:
         queue.set_function(lambda: admission.waiting)
         active = Gauge("featuremap_compute_active", "Requests holding a compute slot", registry=self.registry)
         active.set_function(lambda: admission.active)
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request; each (method, route, status)'s children are looked up once."""
+        key = (method, route, status)
+        series = self._series.get(key)
+        if series is None:
+            series = (self.requests.labels(method, route, str(status)), self.latency.labels(method, route))
+            self._series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
+
+
+# Methods outside this set are counted as OTHER: a client cannot add label values (series) to /metrics at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -107,8 +134,7 @@ class RequestContextMiddleware:
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(seconds)
+            self.metrics.observe(method if method in _METHODS else "OTHER", route, status, seconds)
             access_log.info(
                 "%s %s %s",
                 method,

@@ -10,15 +10,7 @@ from starlette.responses import Response
 
 from service import classifiers
 from service.api import render
-from service.api.deps import (
-    ApiKeyDep,
-    BatcherDep,
-    ComputeDep,
-    PredictPayload,
-    PredictPayloadDep,
-    RegistryDep,
-    SettingsDep,
-)
+from service.api.deps import ApiKeyDep, PredictPayload, PredictPayloadDep, RuntimeDep
 from service.api.docs import image_request_body, problem_responses
 from service.config import Settings
 from service.devices import resolve_device
@@ -40,15 +32,15 @@ REQUEST_BODY = image_request_body(
 RESPONSES: dict[int | str, dict[str, Any]] = {200: {"description": "One prediction, or `predictions` for a batch."}}
 
 
-async def predict_digit(
-    payload: PredictPayloadDep, compute: ComputeDep, batcher: BatcherDep, registry: RegistryDep, settings: SettingsDep
-) -> Response:
+async def predict_digit(payload: PredictPayloadDep, runtime: RuntimeDep) -> Response:
     """Classify a digit (or a batch): label, confidence, the ten probabilities, and the top k."""
-    classifier = registry.get(payload.options.model, loc=("model",))
+    classifier = runtime.registry.get(payload.options.model, loc=("model",))
+    settings = runtime.settings
     if payload.batch or settings.batch_max_size < 2:
-        result = await compute.run(_predict, payload, classifier, settings)
+        result = await runtime.compute.run(_predict, payload, classifier, settings)
     else:  # concurrent single predictions share one forward pass
-        result = await batcher.submit((classifier.name, payload.options.device), (payload, classifier, settings))
+        key = (classifier.name, payload.options.device)
+        result = await runtime.batcher.submit(key, (payload, classifier, settings))
     # Built by our own code from validated parts: serialised once with orjson, not re-validated by FastAPI.
     return render.json_response(result)
 
