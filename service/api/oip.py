@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from service import __version__, oip
+from service.admission import Admission
 from service.api.deps import ApiKeyDep, ComputeDep, ReadinessDep, RegistryDep, SettingsDep
 from service.api.docs import PROBLEM_JSON, problem_responses
 from service.classifiers import MODEL_NAMES, Classifier, Registry
@@ -46,17 +47,20 @@ OIP_PROBLEM: dict[str, Any] = {
 }
 
 
-def _problems(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+def _problems(*statuses: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """As `problem_responses`, with the `error` member documented and, where given, this API's own wording."""
     responses = problem_responses(*statuses)
     for status, response in responses.items():
         response["content"][PROBLEM_JSON]["schema"] = OIP_PROBLEM
-        response["description"] = descriptions.get(f"s{status}", response["description"])
+        response["description"] = (described or {}).get(int(status), response["description"])
     return responses
 
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 models_router = APIRouter(
-    prefix="/models", dependencies=[ApiKeyDep], responses=_problems(401, 404, 422, 503, s404="No such model or version")
+    prefix="/models",
+    dependencies=[ApiKeyDep],
+    responses=_problems(401, 404, 422, 503, described={404: "No such model or version"}),
 )
 
 ModelName = Annotated[str, Path(description="`cnn` or `mlp`.", examples=["cnn"])]
@@ -184,9 +188,11 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         413,
         415,
         504,
-        s400="The inference request is malformed or does not fit the model (name, datatype, shape, data, sizes)",
-        s413="The body, or N over FEATUREMAP_MAX_BATCH",
-        s415="A Content-Encoding other than gzip or deflate",
+        described={
+            400: "The inference request is malformed or does not fit the model (name, datatype, shape, data, sizes)",
+            413: "The body, or N over FEATUREMAP_MAX_BATCH",
+            415: "A Content-Encoding other than gzip or deflate",
+        },
     ),
 }
 
@@ -248,10 +254,11 @@ HeaderLength = Annotated[
 async def _infer(
     classifier: Classifier,
     request: Request,
-    compute: ComputeDep,
+    compute: Admission,
     settings: Settings,
     header_length: str | None,
 ) -> Response:
+    """Read the whole body (the middleware bounds its size and time), then do everything else on the pool."""
     body = await request.body()
     encoding = request.headers.get("content-encoding")
     return await compute.run(_run_inference, classifier, body, encoding, header_length, settings)
