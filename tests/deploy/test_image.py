@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from tests.deploy.harness import image_instances, parse_dockerfile
+from tests.conftest import ROOT
+from tests.deploy.harness import DOCKERFILE, image_instances, instructions, parse_dockerfile
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +22,21 @@ def test_the_image_is_configured_as_the_deployment_expects() -> None:
     assert image.env["PATH"].startswith(f"{image.env['VIRTUAL_ENV']}/bin:")
     assert image.user.split(":")[0] not in ("", "0", "root")
     assert image.healthcheck[0] == "python" and "/healthz" in " ".join(image.healthcheck)  # no curl in a slim image
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -> None:
+    # .dockerignore is an allow-list: everything out ("*"), then each path the image copies back in.
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [rule for rule in rules if rule and not rule.startswith("#")]
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    assert rules[0] == "*"
+    copied = set()
+    for keyword, args in instructions(DOCKERFILE.read_text()):
+        words = args.split()
+        if keyword in ("COPY", "ADD") and not any(w.startswith("--from=") for w in words):
+            copied |= {w.rstrip("/") for w in words[:-1] if not w.startswith("--")}
+    assert copied == allowed
+    assert all((ROOT / path).exists() for path in copied)
 
 
 def test_the_entry_command_serves_readiness_and_passes_its_health_check() -> None:
