@@ -51,6 +51,19 @@ def test_one_json_log_line_per_request(client: TestClient, caplog: pytest.LogCap
     assert line["duration_ms"] > 0 and line["level"] == "info" and line["time"].endswith("Z")
 
 
+def test_log_lines_are_json_whatever_the_extras_hold() -> None:
+    """orjson writes the lines; what it cannot take (an int beyond 64 bits, a non-str key) still makes JSON."""
+    formatter = JSONFormatter()
+    for extra in ({"n": 2**70}, {"d": {1: "x"}}, {"obj": object()}, {"f": 1.5, "s": "é\n"}):
+        record = logging.LogRecord("service", logging.INFO, __file__, 1, "hello %s", ("you",), None)
+        record.__dict__.update(extra)
+        line = json.loads(formatter.format(record))
+        assert line["message"] == "hello you" and line["level"] == "info"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
+        assert set(extra) <= set(line)
+    assert json.loads(formatter.format(record))["s"] == "é\n"
+
+
 def test_unexpected_errors_are_500_problems_without_internals(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -100,6 +113,11 @@ def test_metrics_count_requests_per_route_and_status(client: TestClient) -> None
     assert re.search(r'featuremap_requests_total\{method="POST",route="/v1/featuremaps",status="200"\} [1-9]', text)
     assert re.search(r'featuremap_requests_total\{method="POST",route="/v1/featuremaps",status="422"\} [1-9]', text)
     assert 'route="unmatched"' in text and "12345" not in text  # no label per unknown path
+    for method in ("BREW", "XYZZY123"):  # nor per made-up method
+        client.request(method, URL)
+    text = client.get("/metrics").text
+    assert re.search(r'featuremap_requests_total\{method="OTHER",route="/v1/featuremaps",status="405"\} 2', text)
+    assert "BREW" not in text and "XYZZY123" not in text
     for name in (
         "featuremap_request_duration_seconds_bucket",
         "featuremap_requests_in_flight",
