@@ -192,7 +192,7 @@ def image_instances(count: int, **settings: str) -> Iterator[list[Instance]]:
     try:
         for _ in range(count):
             run = as_host_process(image, free_port())
-            env = {**os.environ, **run.env, **{f"FEATUREMAP_{k.upper()}": v for k, v in settings.items()}}
+            env = {**run.env, **{f"FEATUREMAP_{k.upper()}": v for k, v in settings.items()}}
             executable = shutil.which(run.argv[0], path=env["PATH"])
             assert executable and executable.startswith(sys.prefix), f"{run.argv[0]} is not the venv's: {executable}"
             # A file, not a pipe: a pipe nobody reads would fill up and block the server's logging.

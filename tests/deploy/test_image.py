@@ -3,7 +3,6 @@ process here with the same environment, serves the app; its health check passes 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 
@@ -42,7 +41,7 @@ def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -
 def test_the_entry_command_serves_readiness_and_passes_its_health_check() -> None:
     with image_instances(1) as (instance,):
         # Ready (image_instances waits for /readyz 200); the HEALTHCHECK command, run with the image's environment.
-        env = {**os.environ, **instance.run.env}
+        env = instance.run.env
         check = subprocess.run(instance.run.healthcheck, env=env, capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stderr
         assert any(e["path"] == "/healthz" and e["status"] == 200 for e in instance.access_log())

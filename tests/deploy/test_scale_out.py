@@ -15,7 +15,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import ROOT
-from tests.deploy.harness import Instance, image_instances, running_nginx, wait_until
+from tests.deploy.harness import Instance, image_instances, nginx_binary, running_nginx, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +37,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
+    nginx_binary()  # fails at once, naming how to install it, when it is missing
     with image_instances(2, shutdown_delay_s=str(DRAIN_DELAY_S)) as instances:
         with running_nginx([instance.run.port for instance in instances]) as url:
             yield Cluster(instances, url)
