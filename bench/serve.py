@@ -143,9 +143,10 @@ def in_process_featuremaps(image: bytes, spec: dict[str, object], repeats: int) 
     from service.api.deps import ImagePayload
     from service.api.featuremaps import _featuremaps
     from service.config import Settings
+    from service.cpus import usable_cpus
     from service.schemas import FeaturemapsSpec
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // Settings().max_concurrency))
+    torch.set_num_threads(max(1, usable_cpus() // Settings().max_concurrency))
     payload = ImagePayload(image, FeaturemapsSpec.model_validate(spec))
     settings = Settings()
     times = []
@@ -167,12 +168,27 @@ def main() -> int:
     ctype = f"multipart/form-data; boundary={BOUNDARY}"
     service_cmd = [sys.executable, "-m", "service", "--port", "{port}"]
     rows: list[tuple[str, Load, Load]] = []
-    for name, cmd, path, ready in [
-        ("floor: bare FastAPI, parse multipart, constant", uvicorn("bench.apps.floor:app"), "/predict", "/docs"),
-        ("tutorial-style FastAPI + the same CNN", uvicorn("bench.apps.tutorial:app"), "/predict", "/docs"),
-        ("this service: /v1/predict (cnn)", service_cmd, "/v1/predict", "/readyz"),
+    queue = {"FEATUREMAP_MAX_QUEUE": "64"}
+    for name, cmd, path, ready, env in [
+        ("floor: bare FastAPI, parse multipart, constant", uvicorn("bench.apps.floor:app"), "/predict", "/docs", {}),
+        ("tutorial-style FastAPI + the same CNN", uvicorn("bench.apps.tutorial:app"), "/predict", "/docs", {}),
+        ("this service: /v1/predict (cnn), defaults", service_cmd, "/v1/predict", "/readyz", queue),
+        (
+            "  the same, micro-batching off",
+            service_cmd,
+            "/v1/predict",
+            "/readyz",
+            {**queue, "FEATUREMAP_BATCH_MAX_SIZE": "1"},
+        ),
+        (
+            "  the same, 2 workers of 1 compute slot",
+            service_cmd,
+            "/v1/predict",
+            "/readyz",
+            {**queue, "WEB_CONCURRENCY": "2", "FEATUREMAP_MAX_CONCURRENCY": "1"},
+        ),
     ]:
-        with Server(cmd, {"FEATUREMAP_MAX_QUEUE": "64"}, ready) as server:
+        with Server(cmd, env, ready) as server:
             wrk(server.url + path, digit, 16, 2, ctype)  # warm-up
             many = wrk(server.url + path, digit, 16, args.seconds, ctype)
             one = wrk(server.url + path, digit, 1, args.seconds, ctype)

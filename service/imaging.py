@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from service.colormaps import LUTS
+from service.cpus import usable_cpus
 from service.errors import ImageDecodeError, LimitExceededError, UnsupportedMediaError
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
@@ -140,7 +140,7 @@ def encode_pngs(images: Sequence[np.ndarray]) -> list[bytes]:
     if len(images) < 2 or sum(img.size for img in images) < _PARALLEL_FROM_PIXELS:
         return [encode_png(img) for img in images]
     if _ENCODERS is None:
-        _ENCODERS = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="png")
+        _ENCODERS = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="png")
     return list(_ENCODERS.map(encode_png, images))
 
 

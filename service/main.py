@@ -4,7 +4,6 @@ RFC 9457 problem+json from the one mapping below. `app` is what `uvicorn service
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import threading
@@ -37,6 +36,7 @@ from service.api.problem_types import OTHER_PROBLEMS, PROBLEM_TYPES
 from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
+from service.cpus import usable_cpus
 from service.errors import (
     DeviceUnavailableError,
     FeatureMapError,
@@ -262,7 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Each compute thread's torch ops get their share of the cores, so concurrent requests do not
         # oversubscribe them (the main way to lose throughput on a small machine).
-        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.max_concurrency))
+        torch.set_num_threads(settings.torch_threads or max(1, usable_cpus() // settings.max_concurrency))
         readiness = Readiness()
         registry = Registry()
         restore_sigterm = _drain_on_sigterm(readiness, settings.shutdown_delay_s)
