@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.serve --seconds 10
 
-Each server runs alone on 127.0.0.1 with one process, and wrk (Debian's `wrk`, installed with apt-get) loads it
+Each server runs alone on 127.0.0.1 (one process, or the workers its row names), and wrk (Debian's `wrk`, installed with apt-get) loads it
 with a multipart upload of a 28x28 PNG digit: 16 connections for throughput, 1 for latency. Baselines: the
 framework floor (a bare FastAPI endpoint that parses the same upload and returns a constant) and a
 tutorial-style FastAPI app serving the same shipped CNN. For /v1/featuremaps, the time the service adds on top
@@ -126,8 +126,13 @@ class Server:
         self.proc.wait(30)
 
 
-def uvicorn(app: str) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", app, "--port", "{port}", "--log-level", "warning", "--no-access-log"]
+def uvicorn(app: str, workers: int = 1) -> list[str]:
+    """A baseline app under plain uvicorn; with workers, under the service's protocol (Nagle off), since plain
+    uvicorn's workers keep Nagle on and stall 40 ms a request here (see service/serving.py)."""
+    cmd = [sys.executable, "-m", "uvicorn", app, "--port", "{port}", "--log-level", "warning", "--no-access-log"]
+    if workers > 1:
+        cmd += ["--workers", str(workers), "--http", "service.serving:H11NoDelayProtocol"]
+    return cmd
 
 
 def digit_png() -> bytes:
@@ -143,10 +148,10 @@ def in_process_featuremaps(image: bytes, spec: dict[str, object], repeats: int) 
     from service.api.deps import ImagePayload
     from service.api.featuremaps import _featuremaps
     from service.config import Settings
-    from service.cpus import usable_cpus
+    from service.cpus import threads_per_slot
     from service.schemas import FeaturemapsSpec
 
-    torch.set_num_threads(max(1, usable_cpus() // Settings().max_concurrency))
+    torch.set_num_threads(threads_per_slot(Settings().compute_slots))
     payload = ImagePayload(image, FeaturemapsSpec.model_validate(spec))
     settings = Settings()
     times = []
@@ -169,9 +174,18 @@ def main() -> int:
     service_cmd = [sys.executable, "-m", "service", "--port", "{port}"]
     rows: list[tuple[str, Load, Load]] = []
     queue = {"FEATUREMAP_MAX_QUEUE": "64"}
+    os.environ.pop("WEB_CONCURRENCY", None)  # the service's own default: a worker per usable CPU
     for name, cmd, path, ready, env in [
         ("floor: bare FastAPI, parse multipart, constant", uvicorn("bench.apps.floor:app"), "/predict", "/docs", {}),
+        ("  the same, 2 workers (Nagle off)", uvicorn("bench.apps.floor:app", 2), "/predict", "/docs", {}),
         ("tutorial-style FastAPI + the same CNN", uvicorn("bench.apps.tutorial:app"), "/predict", "/docs", {}),
+        (
+            "  the same, 2 workers of 1 torch thread (Nagle off)",
+            uvicorn("bench.apps.tutorial:app", 2),
+            "/predict",
+            "/docs",
+            {"OMP_NUM_THREADS": "1"},
+        ),
         ("this service: /v1/predict (cnn), defaults", service_cmd, "/v1/predict", "/readyz", queue),
         (
             "  the same, micro-batching off",
@@ -181,11 +195,11 @@ def main() -> int:
             {**queue, "FEATUREMAP_BATCH_MAX_SIZE": "1"},
         ),
         (
-            "  the same, 2 workers of 1 compute slot",
+            "  the same, 1 worker (the default before)",
             service_cmd,
             "/v1/predict",
             "/readyz",
-            {**queue, "WEB_CONCURRENCY": "2", "FEATUREMAP_MAX_CONCURRENCY": "1"},
+            {**queue, "WEB_CONCURRENCY": "1"},
         ),
     ]:
         with Server(cmd, env, ready) as server:
@@ -194,7 +208,9 @@ def main() -> int:
             one = wrk(server.url + path, digit, 1, args.seconds, ctype)
             rows.append((name, many, one))
     floor = rows[0][1].rps
-    print(f"\n/predict, multipart 28x28 PNG, 1 process, {args.seconds:g} s per run, wrk on the same 2 cores")
+    print(
+        f"\n/predict, multipart 28x28 PNG, {args.seconds:g} s per run, wrk on the same cores; ratios to the 1-process floor"
+    )
     print(
         f"{'server':<50}{'16 clients req/s':>17}{'p50 ms':>8}{'p99 ms':>8}{'vs floor':>9}{'1 client p50 ms':>17}{'non-2xx':>9}"
     )

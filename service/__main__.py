@@ -10,6 +10,9 @@ from pathlib import Path
 
 import uvicorn
 
+from service.cpus import default_workers
+from service.serving import H11NoDelayProtocol
+
 LOG_CONFIG = Path(__file__).with_name("logging.json")
 
 
@@ -17,13 +20,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")))
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("WEB_CONCURRENCY") or default_workers()),
+        help="server processes (default: $WEB_CONCURRENCY, else one per usable CPU, at most 4)",
+    )
     args = p.parse_args(argv)
+    os.environ["WEB_CONCURRENCY"] = str(args.workers)  # each worker sizes its torch threads by it (service.cpus)
     uvicorn.run(
         "service.main:app",
         host=args.host,
         port=args.port,
         workers=args.workers,
+        http=H11NoDelayProtocol,  # h11, with Nagle off on every connection whatever the worker count
         log_config=json.loads(LOG_CONFIG.read_text()),  # one JSON line per event
         access_log=False,  # the app logs each request itself, with its id, route and duration
         timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.classifiers import MODELS_DIR
+from service.cpus import usable_cpus, worker_processes
 from service.pipeline import Limits
 
 
@@ -29,7 +30,12 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(
         16, ge=1, description="Most concurrent single-digit predictions run as one forward pass; 1 turns batching off."
     )
-    max_concurrency: int = Field(2, ge=1, description="Requests computing at once (the rest wait in the queue).")
+    max_concurrency: int = Field(
+        0,
+        ge=0,
+        description="Requests computing at once in each worker (the rest wait in the queue); 0 = the usable CPUs "
+        "divided by the worker processes (2 in one worker on 2 cores, 1 in each of 2 workers).",
+    )
     max_queue: int = Field(32, ge=0, description="Requests that may wait for a compute slot; more get 503.")
     queue_wait_s: float = Field(10.0, gt=0, description="Longest wait for a compute slot before a 503.")
     compute_timeout_s: float = Field(30.0, gt=0, description="Longest compute of one request before a 504.")
@@ -44,7 +50,9 @@ class Settings(BaseSettings):
         0.0, ge=0, description="On SIGTERM, seconds to keep serving with /readyz at 503 before shutting down."
     )
     torch_threads: int = Field(
-        0, ge=0, description="torch threads per computing request; 0 = the cores divided by max_concurrency."
+        0,
+        ge=0,
+        description="torch threads per computing request; 0 = the usable CPUs divided by all workers' slots.",
     )
     warmup: bool = Field(True, description="Run a small pipeline at start-up before /readyz turns 200.")
 
@@ -63,3 +71,8 @@ class Settings(BaseSettings):
             max_output_elements=self.max_output_elements,
             max_macs=self.max_macs,
         )
+
+    @property
+    def compute_slots(self) -> int:
+        """`max_concurrency`, or when 0 this worker's share of the usable CPUs: one compute slot per core."""
+        return self.max_concurrency or max(1, usable_cpus() // worker_processes())

@@ -36,7 +36,7 @@ from service.api.problem_types import OTHER_PROBLEMS, PROBLEM_TYPES
 from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
-from service.cpus import usable_cpus
+from service.cpus import threads_per_slot
 from service.errors import (
     DeviceUnavailableError,
     FeatureMapError,
@@ -253,7 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app around `settings` (read from FEATUREMAP_* variables when not given)."""
     settings = settings or Settings()
 
-    admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_wait_s)
+    admission = Admission(settings.compute_slots, settings.max_queue, settings.queue_wait_s)
     metrics = Metrics(admission)
     max_pending = max(settings.max_queue, 1) * settings.batch_max_size
     batcher = MicroBatcher(predict.predict_many, admission, settings.batch_max_size, max_pending)
@@ -262,7 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Each compute thread's torch ops get their share of the cores, so concurrent requests do not
         # oversubscribe them (the main way to lose throughput on a small machine).
-        torch.set_num_threads(settings.torch_threads or max(1, usable_cpus() // settings.max_concurrency))
+        torch.set_num_threads(settings.torch_threads or threads_per_slot(settings.compute_slots))
         readiness = Readiness()
         registry = Registry()
         restore_sigterm = _drain_on_sigterm(readiness, settings.shutdown_delay_s)

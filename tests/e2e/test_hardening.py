@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from service.cpus import default_workers
 from tests.conftest import DOG, ROOT
 from tests.e2e.test_server import free_port, wait_ready
 
@@ -27,11 +28,15 @@ pytestmark = pytest.mark.e2e
 
 
 @contextmanager
-def served(**env: str) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """`python -m service` (the run command) on a free port, with FEATUREMAP_* overrides; yields its log file
-    (a file, not a pipe: a pipe nobody reads would fill up and block the server's logging)."""
+def served(workers: str | None = "1", **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """`python -m service` (the run command) on a free port, with `workers` processes (None: its default, one
+    per usable CPU) and FEATUREMAP_* overrides; yields its log file (a file, not a pipe: a pipe nobody reads
+    would fill up and block the server's logging)."""
     port = free_port()
     environ = {**os.environ, **{f"FEATUREMAP_{k.upper()}": v for k, v in env.items()}}
+    environ.pop("WEB_CONCURRENCY", None)
+    if workers is not None:
+        environ["WEB_CONCURRENCY"] = workers
     cmd = [sys.executable, "-m", "service", "--port", str(port)]
     with tempfile.NamedTemporaryFile(prefix="featuremap-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=log)
@@ -110,10 +115,12 @@ def test_an_endless_body_is_cut_off_at_the_limit_without_memory_growth(declared:
             assert client.get("/readyz").status_code == 200
 
 
-def test_sigterm_turns_readiness_off_and_lets_the_request_in_flight_finish() -> None:
+@pytest.mark.parametrize("workers", ["1", None])
+def test_sigterm_turns_readiness_off_and_lets_the_request_in_flight_finish(workers: str | None) -> None:
+    """One process, and the default launch (a worker per usable CPU): every worker drains."""
     heavy = {"layers": [{"op": "conv", "filters": [{"kernel": [[0.001] * 31] * 31}] * 24, "padding": "same"}],
              "output": {"stages": [0], "format": "json"}}  # fmt: skip
-    with served(shutdown_delay_s="2", max_concurrency="4") as (url, proc, log):
+    with served(workers, shutdown_delay_s="2", max_concurrency="4") as (url, proc, log):
         result: dict[str, object] = {}
 
         def slow() -> None:
@@ -137,7 +144,22 @@ def test_sigterm_turns_readiness_off_and_lets_the_request_in_flight_finish() -> 
         response = result["r"]
         assert isinstance(response, httpx.Response) and response.status_code == 200
         assert proc.wait(60) in (0, -signal.SIGTERM)
-        assert "Application shutdown complete" in log.read_text()
+        completed = log.read_text().count("Application shutdown complete")
+        assert completed == (1 if workers else default_workers()), log.read_text()[-2000:]
+
+
+def test_the_default_launch_runs_a_worker_per_usable_cpu_each_with_its_share() -> None:
+    """`python -m service` without WEB_CONCURRENCY: one worker per usable CPU (at most 4), each with one compute
+    slot per CPU it has; all answer predictions."""
+    with served(None) as (url, proc, log):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == default_workers(), (children, log.read_text()[-2000:])
+        digit = (ROOT / "service" / "samples" / "digit.png").read_bytes()
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(8):
+                r = client.post("/v1/predict", files={"image": ("digit.png", digit)})
+                assert r.status_code == 200 and r.json()["label"] == 7
 
 
 def test_schemathesis_finds_no_5xx_and_no_response_off_schema(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cpus import usable_cpus
+from service.cpus import threads_per_slot, usable_cpus, worker_processes
 
 HOST = len(os.sched_getaffinity(0))
 
@@ -36,3 +36,22 @@ def test_usable_cpus_respects_the_container_quota(tmp_path: Path, files: dict[st
 
 def test_usable_cpus_on_this_machine_is_within_the_host() -> None:
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(
+    ("workers", "slots", "expected"),
+    [
+        ("1", 1, HOST),
+        ("1", 2, max(1, HOST // 2)),
+        (str(HOST), 1, 1),
+        ("64", 4, 1),
+        ("nonsense", 1, HOST),
+        ("0", 1, HOST),
+    ],
+)
+def test_torch_threads_are_shared_among_all_workers_slots(
+    monkeypatch: pytest.MonkeyPatch, workers: str, slots: int, expected: int
+) -> None:
+    monkeypatch.setenv("WEB_CONCURRENCY", workers)
+    assert threads_per_slot(slots) == expected
+    assert worker_processes() >= 1

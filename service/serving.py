@@ -1,0 +1,22 @@
+"""uvicorn's HTTP/1.1 protocol (h11), with TCP_NODELAY set on every connection.
+
+asyncio turns Nagle's algorithm off only for sockets whose `proto` is IPPROTO_TCP. With `--workers` above 1,
+uvicorn binds the listening socket itself as `socket(AF_INET, SOCK_STREAM)` (proto 0), so the connections its
+workers accept keep Nagle on: a response written as headers then body waits for the client's delayed ACK, and
+each request takes 40 ms (seen here: 2 workers answered 357 req/s where 1 answered 2,200, and a lone client
+waited 44 ms for a 0.5 ms answer). Setting the option on each connection makes any worker count behave."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+class H11NoDelayProtocol(H11Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
