@@ -79,9 +79,10 @@ def test_kubernetes_probes_resources_and_security(path: Path) -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     # The one place the service writes (spooled uploads) is a volume.
     assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
-    # Compute threads fit the CPU limit: the container sees all the node's cores, so the default would not.
+    # Workers x compute slots x torch threads fit the CPU limit.
     env = container_env(container)
-    threads = int(env["FEATUREMAP_MAX_CONCURRENCY"]) * int(env["FEATUREMAP_TORCH_THREADS"])
+    threads = int(env.get("WEB_CONCURRENCY", "1"))
+    threads *= int(env["FEATUREMAP_MAX_CONCURRENCY"]) * int(env["FEATUREMAP_TORCH_THREADS"])
     assert threads <= int(container["resources"]["limits"]["cpu"])
 
 
