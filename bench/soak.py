@@ -77,10 +77,18 @@ def free_port() -> int:
 
 
 def rss_mib(pid: int) -> float:
+    """The server's resident memory: the process and, with several workers, every process under it."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+            total = int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += rss_mib(int(child))
+            except (FileNotFoundError, ProcessLookupError):  # a child that just ended
+                pass
+    return total
 
 
 async def client_loop(
