@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 from service.errors import DeviceUnavailableError
@@ -28,3 +29,15 @@ def resolve_device(requested: str) -> torch.device:
     if name not in available:
         raise DeviceUnavailableError(requested, available)
     return torch.device(name)
+
+
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a host array. From a GPU the bytes come through pinned (page-locked) memory, which
+    the DMA engine copies straight into, instead of pageable memory staged through a driver buffer; torch's
+    caching host allocator reuses the pinned blocks, so only the first copy of a size pays for pinning."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu().numpy()
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    pinned.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()  # the copy is done before numpy reads the bytes
+    return pinned.numpy()

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from service.colormaps import LUTS
 from service.cpus import usable_cpus
+from service.devices import to_host
 from service.errors import ImageDecodeError, LimitExceededError, UnsupportedMediaError
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
@@ -121,8 +122,9 @@ def to_levels(maps: torch.Tensor, scale: Scale, value_range: float) -> Levels:
     span = (hi - lo)[:, None, None]
     safe = torch.where(span > 0, span, torch.ones_like(span))
     x = torch.where(span > 0, (maps - lo[:, None, None]) / safe, torch.zeros_like(maps))
-    levels = (x * 256).floor_().clamp_(0, 255).to(torch.uint8)
-    return Levels(levels.cpu().numpy(), lo.cpu().tolist(), hi.cpu().tolist())
+    levels = (x * 256).floor_().clamp_(0, 255).to(torch.uint8)  # a quarter of float32's bytes cross to the host
+    lo_hi = torch.stack([lo, hi]).cpu().tolist()  # one small copy, not two
+    return Levels(to_host(levels), lo_hi[0], lo_hi[1])
 
 
 def colorize(levels: np.ndarray, colormap: str) -> np.ndarray:

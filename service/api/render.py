@@ -15,6 +15,7 @@ from service import imaging
 from service.classifiers import Prediction
 from service.deadline import Deadline
 from service.deadline import check as check_deadline
+from service.devices import to_host
 from service.pipeline import PipelineResult, StageResult
 from service.schemas import (
     ConvFilters,
@@ -44,11 +45,11 @@ def _stage_output(
         "max": float(maps.max()),
     }
     if output.format == "json" and output.tensor_encoding == "base64":
-        values = maps.to(torch.float16 if output.dtype == "float16" else torch.float32).cpu().numpy()
+        values = to_host(maps.to(torch.float16 if output.dtype == "float16" else torch.float32))
         fields["data_base64"] = base64.b64encode(values.astype(values.dtype.newbyteorder("<")).tobytes()).decode()
         fields["dtype"] = output.dtype
     elif output.format == "json":
-        fields["data"] = np.ascontiguousarray(maps.cpu().numpy())  # (C, H, W) float32, serialised exactly by orjson
+        fields["data"] = np.ascontiguousarray(to_host(maps))  # (C, H, W) float32, serialised exactly by orjson
     else:
         levels = imaging.to_levels(maps, output.scale, value_range)
         fields["map_ranges"] = [[lo, hi] for lo, hi in zip(levels.lo, levels.hi, strict=True)]

@@ -15,8 +15,9 @@ from PIL import Image
 
 from service import imaging
 from service.colormaps import COLORMAPS, LUTS
+from service.devices import to_host
 from service.errors import ImageDecodeError, LimitExceededError, UnsupportedMediaError
-from tests.conftest import DOG
+from tests.conftest import DEVICES, DOG
 
 RNG = np.random.default_rng(7)
 BIG = 10**8
@@ -250,3 +251,15 @@ def test_parallel_png_encoding_keeps_order_and_pixels() -> None:
     assert len(pngs) == 6
     for png, m in zip(pngs, maps, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), m)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32])
+def test_to_host_copies_values_exactly_from_any_device(device: str, dtype: torch.dtype) -> None:
+    """GPU maps come back through pinned memory: same bytes as a plain copy, finished before they are read."""
+    values = torch.arange(3 * 65 * 67, dtype=torch.float32).reshape(3, 65, 67).remainder(251).to(dtype)
+    host = to_host(values.to(device))
+    assert isinstance(host, np.ndarray) and host.shape == (3, 65, 67) and host.dtype == values.numpy().dtype
+    np.testing.assert_array_equal(host, values.numpy())
+    again = to_host(values.to(device) + 1)  # a reused pinned block holds the new values, not the old
+    np.testing.assert_array_equal(again, (values + 1).numpy())
