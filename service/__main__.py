@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import uvicorn
@@ -28,6 +30,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     os.environ["WEB_CONCURRENCY"] = str(args.workers)  # each worker sizes its torch threads by it (service.cpus)
+    metrics_dir = None
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers share their metrics through files here, so /metrics reports the whole server (Metrics).
+        metrics_dir = tempfile.mkdtemp(prefix="featuremap-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        serve(args)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def serve(args: argparse.Namespace) -> None:
     uvicorn.run(
         "service.main:app",
         host=args.host,

@@ -25,6 +25,7 @@ class Admission:
         self.wait_s = wait_s
         self.active = 0
         self.waiting = 0
+        self.on_change: Callable[[], None] | None = None  # told after either count changes (metrics)
         self._slots = asyncio.Semaphore(limit)
         self._executor = ThreadPoolExecutor(limit, thread_name_prefix="compute")
 
@@ -32,6 +33,7 @@ class Admission:
         """`fn(*args)` on a compute thread once a slot is free; OverloadedError when none comes in time."""
         await self._acquire()
         self.active += 1
+        self._changed()
         try:
             loop = asyncio.get_running_loop()
             call = functools.partial(contextvars.copy_context().run, fn, *args)
@@ -54,6 +56,7 @@ class Admission:
                 "retry shortly"
             )
         self.waiting += 1
+        self._changed()
         try:
             # asyncio.timeout cancels the acquire cleanly: a permit won at the last moment is handed back.
             async with asyncio.timeout(self.wait_s):
@@ -62,10 +65,16 @@ class Admission:
             raise OverloadedError(f"no compute slot came free within {self.wait_s:g} s; retry shortly") from None
         finally:
             self.waiting -= 1
+            self._changed()
 
     def _release(self) -> None:
         self.active -= 1
+        self._changed()
         self._slots.release()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
+import os
 import re
 import time
 import uuid
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Admission
@@ -56,9 +59,14 @@ JSONFormatter.converter = time.gmtime
 
 
 class Metrics:
-    """The app's own registry (not the global one), so several apps in one process do not collide."""
+    """The app's own registry (not the global one), so several apps in one process do not collide.
+
+    With several worker processes (`PROMETHEUS_MULTIPROC_DIR` set, as `python -m service` does for them) every
+    worker writes its values to files there, and whichever worker answers /metrics reports all of them: counts
+    and histograms summed, gauges summed over the live workers."""
 
     def __init__(self, admission: Admission) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "featuremap_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
@@ -70,12 +78,30 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
-        self.in_flight = Gauge("featuremap_requests_in_flight", "Requests being answered", registry=self.registry)
-        queue = Gauge("featuremap_compute_queue_depth", "Requests waiting for a compute slot", registry=self.registry)
-        queue.set_function(lambda: admission.waiting)
-        active = Gauge("featuremap_compute_active", "Requests holding a compute slot", registry=self.registry)
-        active.set_function(lambda: admission.active)
+        gauge = functools.partial(Gauge, registry=self.registry, multiprocess_mode="livesum")
+        self.in_flight = gauge("featuremap_requests_in_flight", "Requests being answered")
+        queue = gauge("featuremap_compute_queue_depth", "Requests waiting for a compute slot")
+        active = gauge("featuremap_compute_active", "Requests holding a compute slot")
+        if self.multiprocess:  # other workers cannot call this one's functions: each writes its counts as they change
+
+            def sync() -> None:
+                queue.set(admission.waiting)
+                active.set(admission.active)
+
+            admission.on_change = sync
+            sync()
+        else:
+            queue.set_function(lambda: admission.waiting)
+            active.set_function(lambda: admission.active)
         self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def exposition(self) -> bytes:
+        """The Prometheus text: this process's registry, or every worker's values in multiprocess mode."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
+        return generate_latest(registry)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request; each (method, route, status)'s children are looked up once."""

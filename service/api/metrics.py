@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import cast
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from service.observability import Metrics
@@ -21,4 +21,4 @@ router = APIRouter(tags=["health"])
 def export_metrics(request: Request) -> Response:
     """The metrics in Prometheus text format (unauthenticated, like the health probes)."""
     metrics = cast(Metrics, request.state.metrics)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

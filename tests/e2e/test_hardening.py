@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -150,7 +151,7 @@ def test_sigterm_turns_readiness_off_and_lets_the_request_in_flight_finish(worke
 
 def test_the_default_launch_runs_a_worker_per_usable_cpu_each_with_its_share() -> None:
     """`python -m service` without WEB_CONCURRENCY: one worker per usable CPU (at most 4), each with one compute
-    slot per CPU it has; all answer predictions."""
+    slot per CPU it has; all answer predictions, and /metrics, whichever worker answers it, counts them all."""
     with served(None) as (url, proc, log):
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
@@ -160,6 +161,15 @@ def test_the_default_launch_runs_a_worker_per_usable_cpu_each_with_its_share() -
             for _ in range(8):
                 r = client.post("/v1/predict", files={"image": ("digit.png", digit)})
                 assert r.status_code == 200 and r.json()["label"] == 7
+        pattern = re.compile(
+            r'^featuremap_requests_total\{method="POST",route="/v1/predict",status="200"\} (\S+)$', re.M
+        )
+        for _ in range(6):  # new connections, so that different workers answer
+            with httpx.Client(base_url=url, timeout=30) as client:
+                text = client.get("/metrics").text
+            counted = pattern.search(text)
+            assert counted and float(counted.group(1)) == 8, text[:3000]
+            assert re.search(r"^featuremap_compute_active \S+$", text, re.M), text[:3000]
 
 
 def test_schemathesis_finds_no_5xx_and_no_response_off_schema(tmp_path: Path) -> None:
