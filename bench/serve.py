@@ -275,6 +275,11 @@ def featuremaps_scenarios(args: argparse.Namespace) -> None:
             big.getvalue(),
             {**rgb16, "output": {"format": "json", "stages": [2]}},
         ),
+        (
+            "  the same, base64 float16",
+            big.getvalue(),
+            {**rgb16, "output": {"format": "json", "stages": [2], "tensor_encoding": "base64", "dtype": "float16"}},
+        ),
     ]
     print(
         f"\n/v1/featuremaps, 1 client: end-to-end over HTTP against the same work in-process, alternated "
