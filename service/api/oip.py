@@ -14,8 +14,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from service import __version__, oip
-from service.admission import Admission
-from service.api.deps import ApiKeyDep, ComputeDep, ReadinessDep, RegistryDep, SettingsDep
+from service.api.deps import ApiKeyDep, ReadinessDep, RegistryDep, Runtime, RuntimeDep
 from service.api.docs import PROBLEM_JSON, problem_responses
 from service.classifiers import MODEL_NAMES, Classifier, Registry
 from service.config import Settings
@@ -252,16 +251,13 @@ HeaderLength = Annotated[
 
 
 async def _infer(
-    classifier: Classifier,
-    request: Request,
-    compute: Admission,
-    settings: Settings,
-    header_length: str | None,
+    name: str, version: str | None, request: Request, runtime: Runtime, header_length: str | None
 ) -> Response:
     """Read the whole body (the middleware bounds its size and time), then do everything else on the pool."""
+    classifier = _served(runtime.registry, name, version)
     body = await request.body()
     encoding = request.headers.get("content-encoding")
-    return await compute.run(_run_inference, classifier, body, encoding, header_length, settings)
+    return await runtime.compute.run(_run_inference, classifier, body, encoding, header_length, runtime.settings)
 
 
 @models_router.post(
@@ -272,15 +268,10 @@ async def _infer(
     openapi_extra=copy.deepcopy(REQUEST_BODY),  # FastAPI merges it in place
 )
 async def run_inference(
-    name: ModelName,
-    request: Request,
-    compute: ComputeDep,
-    registry: RegistryDep,
-    settings: SettingsDep,
-    header_length: HeaderLength = None,
+    name: ModelName, request: Request, runtime: RuntimeDep, header_length: HeaderLength = None
 ) -> Response:
     """Classify a batch of 28x28 digits: `input` in, `probabilities` out."""
-    return await _infer(_served(registry, name, None), request, compute, settings, header_length)
+    return await _infer(name, None, request, runtime, header_length)
 
 
 @models_router.post(
@@ -291,16 +282,10 @@ async def run_inference(
     openapi_extra=copy.deepcopy(REQUEST_BODY),
 )
 async def run_model_version_inference(
-    name: ModelName,
-    version: ModelVersion,
-    request: Request,
-    compute: ComputeDep,
-    registry: RegistryDep,
-    settings: SettingsDep,
-    header_length: HeaderLength = None,
+    name: ModelName, version: ModelVersion, request: Request, runtime: RuntimeDep, header_length: HeaderLength = None
 ) -> Response:
     """Classify a batch of digits with a given model version."""
-    return await _infer(_served(registry, name, version), request, compute, settings, header_length)
+    return await _infer(name, version, request, runtime, header_length)
 
 
 def _parse(header: bytes) -> InferenceRequest:
