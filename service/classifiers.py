@@ -267,12 +267,13 @@ class Classifier:
         the module for every MNIST test digit. Otherwise: the module itself."""
         net = self._serving.get(device)
         if net is None:
+            module = self.on(device)  # before taking the lock: `on` takes it too
             with self._lock:
                 net = self._serving.get(device)
                 if net is None:
-                    net = self.on(device)
-                    if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in net.modules()):
-                        net = _channels_last(copy.deepcopy(net))
+                    net = module
+                    if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+                        net = _channels_last(copy.deepcopy(module))
                     self._serving[device] = net
         return net
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,20 @@ def test_the_serving_net_labels_every_test_digit_as_the_module_does(name: str, t
     torch.testing.assert_close(one_by_one, odd_batch, rtol=0, atol=1e-6)
     torch.testing.assert_close(odd_batch, torch.softmax(expected[:50], dim=1), rtol=0, atol=1e-6)
     assert classifier.serving(torch.device("cpu")) is serving  # compiled once
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_the_serving_net_for_another_device_is_made_without_deadlock(name: str) -> None:
+    """A device other than the CPU gets its own copy of the module (made under the same lock); the meta device
+    stands in for CUDA here. Run on a thread, so that a deadlock fails the test instead of hanging it."""
+    classifier = classifiers.load_classifier(name)
+    made: list[object] = []
+    worker = threading.Thread(target=lambda: made.append(classifier.serving(torch.device("meta"))), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "serving() on a second device never returned: a deadlock"
+    assert made == [classifier.on(torch.device("meta"))]
+    assert next(classifier.on(torch.device("meta")).parameters()).device.type == "meta"
 
 
 def test_weights_whose_hash_differs_from_the_card_are_refused(tmp_path: Path) -> None:
