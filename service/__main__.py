@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--workers",
-        type=int,
-        default=int(os.environ.get("WEB_CONCURRENCY") or default_workers()),
+        type=_at_least_one,
+        default=os.environ.get("WEB_CONCURRENCY") or str(default_workers()),  # a string: argparse checks it too
         help="server processes (default: $WEB_CONCURRENCY, else one per usable CPU, at most 4)",
     )
     args = p.parse_args(argv)
@@ -40,6 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (--workers or WEB_CONCURRENCY)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} workers: at least 1 (from --workers or WEB_CONCURRENCY)")
+    return value
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -283,6 +283,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         readiness.mark_stopping()
         restore_sigterm()
         admission.close()
+        metrics.worker_stopped()
 
     app = FastAPI(
         title="Feature Map Service",

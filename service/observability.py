@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Admission
@@ -63,7 +63,8 @@ class Metrics:
 
     With several worker processes (`PROMETHEUS_MULTIPROC_DIR` set, as `python -m service` does for them) every
     worker writes its values to files there, and whichever worker answers /metrics reports all of them: counts
-    and histograms summed, gauges summed over the live workers."""
+    and histograms summed, gauges summed over the workers that have not stopped (a worker that stops marks
+    itself dead; one killed outright leaves its last gauge values in the sums until the server restarts)."""
 
     def __init__(self, admission: Admission) -> None:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -94,6 +95,11 @@ class Metrics:
             queue.set_function(lambda: admission.waiting)
             active.set_function(lambda: admission.active)
         self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def worker_stopped(self) -> None:
+        """In multiprocess mode, this worker's gauges leave the sums (its counts stay: they happened)."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
 
     def exposition(self) -> bytes:
         """The Prometheus text: this process's registry, or every worker's values in multiprocess mode."""

@@ -70,6 +70,7 @@ def warm_up(readiness: Readiness, registry: Registry, models_dir: Path) -> None:
         log.exception("warm-up failed; serving without it")
     # The hundreds of thousands of objects made so far (torch, the app, the models) live as long as the process:
     # moved out of the collector's sight, they are no longer traversed by every full collection while serving.
+    # (A request that arrived during warm-up may have some of its objects frozen too: a one-off, bounded.)
     gc.collect()
     gc.freeze()
     readiness.mark_ready()
