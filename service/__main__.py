@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
-from service.cpus import default_workers
+from service.cpus import READY_DIR_ENV, default_workers
 from service.serving import H11NoDelayProtocol
 
 LOG_CONFIG = Path(__file__).with_name("logging.json")
@@ -30,16 +30,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     os.environ["WEB_CONCURRENCY"] = str(args.workers)  # each worker sizes its torch threads by it (service.cpus)
-    metrics_dir = None
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Workers share their metrics through files here, so /metrics reports the whole server (Metrics).
-        metrics_dir = tempfile.mkdtemp(prefix="featuremap-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ.pop(READY_DIR_ENV, None)  # only ever the one made here, for these workers
+    shared = tempfile.mkdtemp(prefix="featuremap-workers-") if args.workers > 1 else None
+    if shared:
+        # Workers mark themselves ready here, so that /readyz answers 200 only once all of them are (Readiness),
+        # and share their metrics through files, so that /metrics reports the whole server (Metrics).
+        os.makedirs(os.path.join(shared, "ready"))
+        os.environ[READY_DIR_ENV] = os.path.join(shared, "ready")
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.makedirs(os.path.join(shared, "metrics"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(shared, "metrics")
     try:
         serve(args)
     finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if shared:
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def _at_least_one(text: str) -> int:

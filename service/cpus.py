@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Where `python -m service` tells its workers to mark themselves ready (service.readiness), when it runs several.
+READY_DIR_ENV = "FEATUREMAP_WORKER_READY_DIR"
 
 
 def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:

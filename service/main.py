@@ -4,12 +4,14 @@ RFC 9457 problem+json from the one mapping below. `app` is what `uvicorn service
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -36,7 +38,7 @@ from service.api.problem_types import OTHER_PROBLEMS, PROBLEM_TYPES
 from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
-from service.cpus import threads_per_slot
+from service.cpus import READY_DIR_ENV, threads_per_slot, worker_processes
 from service.errors import (
     DeviceUnavailableError,
     FeatureMapError,
@@ -263,7 +265,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Each compute thread's torch ops get their share of the cores, so concurrent requests do not
         # oversubscribe them (the main way to lose throughput on a small machine).
         torch.set_num_threads(settings.torch_threads or threads_per_slot(settings.compute_slots))
-        readiness = Readiness()
+        peers = os.environ.get(READY_DIR_ENV)
+        readiness = Readiness(Path(peers) if peers else None, worker_processes())
         registry = Registry()
         restore_sigterm = _drain_on_sigterm(readiness, settings.shutdown_delay_s)
         if settings.warmup:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Literal
@@ -18,16 +19,22 @@ log = logging.getLogger(__name__)
 
 
 class Readiness:
-    """Thread-safe start-up/shutdown state for /readyz."""
+    """Thread-safe start-up/shutdown state for /readyz.
 
-    def __init__(self) -> None:
+    With several worker processes, any of them may answer a probe, so each is ready only once all are:
+    `peers_dir` (which `python -m service` makes for its workers) holds a file per ready worker, named by its
+    pid, and a worker counts the files of live processes against `workers`."""
+
+    def __init__(self, peers_dir: Path | None = None, workers: int = 1) -> None:
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._failed = threading.Event()
+        self._peers_dir = peers_dir
+        self._workers = workers
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and not self._stopping.is_set()
+        return self._ready.is_set() and not self._stopping.is_set() and self._peers_ready()
 
     @property
     def state(self) -> Literal["ok", "starting", "stopping", "unavailable"]:
@@ -35,19 +42,42 @@ class Readiness:
             return "stopping"
         if self._failed.is_set():
             return "unavailable"
-        return "ok" if self._ready.is_set() else "starting"
+        return "ok" if self._ready.is_set() and self._peers_ready() else "starting"
+
+    def _peers_ready(self) -> bool:
+        if self._peers_dir is None:
+            return True
+        ready = 0
+        for marker in self._peers_dir.iterdir():
+            if marker.name.isdigit() and _alive(int(marker.name)):  # a killed worker's file does not count
+                ready += 1
+        return ready >= self._workers
 
     def mark_ready(self) -> None:
         self._ready.set()
+        if self._peers_dir is not None:
+            (self._peers_dir / str(os.getpid())).touch()
 
     def mark_failed(self) -> None:
         self._failed.set()
 
     def mark_stopping(self) -> None:
         self._stopping.set()
+        if self._peers_dir is not None:
+            (self._peers_dir / str(os.getpid())).unlink(missing_ok=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def warm_up(readiness: Readiness, registry: Registry, models_dir: Path) -> None:
