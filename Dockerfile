@@ -29,7 +29,7 @@ FROM python:3.11-slim-bookworm AS runtime
 ENV VIRTUAL_ENV=/opt/venv
 # Workers: WEB_CONCURRENCY when set (uvicorn's convention), else one per CPU the container may use (its cgroup
 # quota), at most 4, each with its share of compute slots and torch threads: on small predictions a process's
-# event loop saturates before torch does (bench/serve.py: 2 workers on 2 cores served 2.3x one).
+# event loop saturates before torch does (bench/serve.py: 2 workers on 2 cores served 1.9x one).
 ENV PATH=${VIRTUAL_ENV}/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

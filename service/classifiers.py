@@ -263,7 +263,7 @@ class Classifier:
 
     def serving(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """The net as predictions run it on `device`. On the CPU, a convolutional net runs channels-last, where
-        oneDNN's convolutions are 2-3x faster per digit in a batch and 1.3x for one digit, with the same label as
+        oneDNN's convolutions are about 2x faster per digit in a batch of 16, with the same label as
         the module for every MNIST test digit. Otherwise: the module itself."""
         net = self._serving.get(device)
         if net is None:
