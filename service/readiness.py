@@ -47,11 +47,12 @@ class Readiness:
     def _peers_ready(self) -> bool:
         if self._peers_dir is None:
             return True
-        ready = 0
-        for marker in self._peers_dir.iterdir():
-            if marker.name.isdigit() and _alive(int(marker.name)):  # a killed worker's file does not count
-                ready += 1
-        return ready >= self._workers
+        try:
+            markers = [marker.name for marker in self._peers_dir.iterdir()]
+        except OSError:  # the directory went away: the server is ending
+            return False
+        # A killed worker's file does not count.
+        return sum(1 for name in markers if name.isdigit() and _alive(int(name))) >= self._workers
 
     def mark_ready(self) -> None:
         self._ready.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,14 @@ def test_a_worker_waits_for_its_peers_and_dead_ones_do_not_count(tmp_path: Path)
 
     readiness.mark_stopping()
     assert not (tmp_path / str(os.getpid())).exists() and readiness.state == "stopping"
+
+
+def test_a_vanished_directory_means_not_ready(tmp_path: Path) -> None:
+    """The server removes the directory as it ends: a late probe says not ready instead of failing."""
+    peers = tmp_path / "ready"
+    peers.mkdir()
+    readiness = Readiness(peers, workers=1)
+    readiness.mark_ready()
+    assert readiness.ready
+    shutil.rmtree(peers)
+    assert not readiness.ready and readiness.state == "starting"
