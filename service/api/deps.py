@@ -83,10 +83,6 @@ async def get_compute(request: Request) -> Admission:
     return cast(Admission, request.state.admission)
 
 
-async def get_batcher(request: Request) -> MicroBatcher[Any, Any]:
-    return cast(MicroBatcher[Any, Any], request.state.batcher)
-
-
 @dataclass(frozen=True)
 class Runtime:
     """What a compute route needs from the lifespan, as one dependency (each costs FastAPI time per request)."""
@@ -104,7 +100,6 @@ async def get_runtime(request: Request) -> Runtime:
 
 ApiKeyDep = Depends(require_api_key)
 ComputeDep = Annotated[Admission, Depends(get_compute)]
-BatcherDep = Annotated[MicroBatcher[Any, Any], Depends(get_batcher)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)

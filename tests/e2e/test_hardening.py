@@ -134,7 +134,11 @@ def test_sigterm_turns_readiness_off_and_lets_the_request_in_flight_finish(worke
 
         worker = threading.Thread(target=slow)
         worker.start()
-        time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=10) as client:  # SIGTERM once the request is computing
+            deadline = time.monotonic() + 30
+            while not re.search(r"^featuremap_compute_active [1-9]", client.get("/metrics").text, re.M):
+                assert time.monotonic() < deadline and worker.is_alive(), "the heavy request never started computing"
+                time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         with httpx.Client(base_url=url, timeout=10) as client:
             for _ in range(100):  # the signal is handled between the loop's events

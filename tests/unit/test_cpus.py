@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service.__main__ import main as service_main
 from service.cpus import threads_per_slot, usable_cpus, worker_processes
 
 HOST = len(os.sched_getaffinity(0))
@@ -56,3 +57,17 @@ def test_torch_threads_are_shared_among_all_workers_slots(
     monkeypatch.setenv("WEB_CONCURRENCY", workers)
     assert threads_per_slot(slots) == expected
     assert worker_processes() >= 1
+
+
+@pytest.mark.parametrize(("given", "says"), [("0", "at least 1"), ("-2", "at least 1"), ("two", "not a whole number")])
+def test_a_bad_worker_count_is_refused_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], given: str, says: str
+) -> None:
+    for argv, env in ((["--workers", given], None), ([], given)):  # the flag, and WEB_CONCURRENCY
+        if env is None:
+            monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+        else:
+            monkeypatch.setenv("WEB_CONCURRENCY", env)
+        with pytest.raises(SystemExit) as exited:
+            service_main(argv)
+        assert exited.value.code == 2 and says in capsys.readouterr().err
