@@ -32,6 +32,11 @@ MLP_CONFIG = NetConfig("mlp", hidden=(512, 512), dropout=0.2)
 CNN_CONFIG = NetConfig("cnn", channels=(16, 32, 64), hidden=(128,), dropout=0.25)
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """`(N, 1, 28, 28)` in [0, 1] -> standardised with MNIST's mean and std, as both nets were trained."""
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
 class MLP(nn.Module):
     """784-512-512-10 with ReLU and dropout 0.2, as the tutorial's Keras model."""
 
@@ -44,7 +49,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = ((x - MNIST_MEAN) / MNIST_STD).flatten(1)  # (N, 784)
+        x = normalize(x).flatten(1)  # (N, 784)
         for layer in self.hidden:
             x = self.dropout(F.relu(layer(x)))  # (N, 512)
         logits: torch.Tensor = self.out(x)  # (N, 10)
@@ -78,7 +83,11 @@ class CNN(nn.Module):
         self.out = nn.Linear(config.hidden[0], 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features((x - MNIST_MEAN) / MNIST_STD).flatten(1)  # (N, 576)
+        return self.head(self.features(normalize(x)))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """`features`' output `(N, 64, 3, 3)` -> logits `(N, 10)`."""
+        x = features.flatten(1)  # (N, 576)
         x = self.dropout(F.relu(self.fc(self.dropout(x))))  # (N, 128)
         logits: torch.Tensor = self.out(x)  # (N, 10)
         return logits

@@ -79,8 +79,8 @@ def test_shipped_weights_reproduce_their_cards(name: str, test_set) -> None:  # 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_the_serving_net_labels_every_test_digit_as_the_module_does(name: str, test_set) -> None:  # type: ignore[no-untyped-def]
-    """Predictions run the CNN channels-last on the CPU: same labels, so the card's accuracy holds for what is
-    served; probabilities within float32 rounding; any batch size gives the same answer."""
+    """Predictions run the CNN's blocks on oneDNN tensors on the CPU: same labels, so the card's accuracy holds for
+    what is served; logits within float32 rounding; any batch size gives the same answer."""
     classifier = classifiers.load_classifier(name)
     module, serving = classifier.on(torch.device("cpu")), classifier.serving(torch.device("cpu"))
     assert (serving is module) == (name == "mlp")
