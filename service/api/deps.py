@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
 
 from service.admission import Admission
+from service.api.forms import parse_form
 from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
@@ -155,22 +155,16 @@ def _body_kind(request: Request) -> str:
 async def _read_form(request: Request, fields: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
     """The file `image` and the text of the other allowed `fields` (a field sent as a file part is read as text)."""
     allowed = ("image", *fields)
-    async with request.form(max_files=len(allowed), max_fields=len(allowed) + 4) as form:
-        unknown = [k for k in form if k not in allowed]
-        if unknown:
-            raise field_error(unknown[0], f"unknown form field; expected {', '.join(allowed)}")
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise field_error("image", "a file field named 'image' is required", "missing")
-        data = await upload.read()
-        values: dict[str, str] = {}
-        for name in fields:
-            value = form.get(name)
-            if isinstance(value, UploadFile):  # curl -F spec=@spec.json sends it as a file
-                value = (await value.read()).decode("utf-8", errors="replace")
-            if value is not None:
-                values[name] = value
-    return data, values
+    body = await request.body()
+    form = parse_form(request.headers["content-type"], body, max_files=len(allowed), max_fields=len(allowed) + 4)
+    unknown = [k for k in form if k not in allowed]
+    if unknown:
+        raise field_error(unknown[0], f"unknown form field; expected {', '.join(allowed)}")
+    upload = form.get("image")
+    if upload is None or not upload.is_file:
+        raise field_error("image", "a file field named 'image' is required", "missing")
+    values = {name: form[name].text() for name in fields if name in form}
+    return bytes(upload.data), values
 
 
 async def read_featuremaps_payload(request: Request) -> ImagePayload[FeaturemapsSpec]:
