@@ -261,3 +261,13 @@ def test_cnn_keeps_97_percent_on_redrawn_test_digits(test_set, cnn: classifiers.
     predictions = cnn.predict(digits, torch.device("cpu"))
     accuracy = np.mean([p.label == test_set.labels[i] for i, p in enumerate(predictions)])
     assert accuracy >= 0.97, accuracy
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 111, 112, 4000])
+@pytest.mark.parametrize("low", [0, 200, 255])
+def test_the_background_median_equals_numpys(size: int, low: int) -> None:
+    """The background level comes from a histogram, not a sort: it must be np.median's value, odd or even."""
+    rng = np.random.default_rng(size + low)
+    for _ in range(20):
+        levels = rng.integers(low, 256, size, dtype=np.uint8)
+        assert classifiers._median_level(levels) == float(np.median(levels))
