@@ -313,7 +313,7 @@ def _onednn(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
             args = (layer.padding, layer.stride, layer.dilation, layer.groups)
             steps.append(functools.partial(_conv, weight=weight, bias=bias, args=args))
         elif isinstance(layer, nn.ReLU):
-            steps.append(torch.relu)
+            steps.append(torch.relu_)  # in place: every step's input is a tensor made in `run`
         elif isinstance(layer, nn.MaxPool2d) and not layer.return_indices:
             pool = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode)
             steps.append(functools.partial(_max_pool, args=pool))
