@@ -64,6 +64,7 @@ def serve(args: argparse.Namespace) -> None:
         port=args.port,
         workers=args.workers,
         http=H11NoDelayProtocol,  # h11, with Nagle off on every connection whatever the worker count
+        loop="service.serving:FairAcceptEventLoop",  # workers take turns at bursts of new connections
         log_config=json.loads(LOG_CONFIG.read_text()),  # one JSON line per event
         access_log=False,  # the app logs each request itself, with its id, route and duration
         timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s

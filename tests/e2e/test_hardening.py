@@ -175,22 +175,15 @@ def test_the_default_launch_runs_a_worker_per_usable_cpu_each_with_its_share(tmp
             "HTTP requests answered",
         )
 
-        def served_by_worker() -> dict[str, float]:
-            counts = {}
-            for db in tmp_path.glob("counter_*.db"):
-                values = {k: v for k, v, *_ in MmapedDict.read_all_values_from_file(str(db))}
-                counts[db.stem.removeprefix("counter_")] = values.get(key, 0.0)
-            return counts
-
         sent = 0
         for _ in range(40):  # each on a new connection, until two workers have answered some
             with httpx.Client(base_url=url, timeout=30) as client:
                 r = client.post("/v1/predict", files={"image": ("digit.png", digit)})
             assert r.status_code == 200 and r.json()["label"] == 7
             sent += 1
-            if sent >= 8 and sum(1 for n in served_by_worker().values() if n > 0) >= 2:
+            if sent >= 8 and sum(1 for n in _counts_by_worker(tmp_path, key).values() if n > 0) >= 2:
                 break
-        by_worker = served_by_worker()
+        by_worker = _counts_by_worker(tmp_path, key)
         assert sum(1 for n in by_worker.values() if n > 0) >= 2 and sum(by_worker.values()) == sent, by_worker
         pattern = re.compile(
             r'^featuremap_requests_total\{method="POST",route="/v1/predict",status="200"\} (\S+)$', re.M
@@ -201,6 +194,45 @@ def test_the_default_launch_runs_a_worker_per_usable_cpu_each_with_its_share(tmp
             counted = pattern.search(text)
             assert counted and float(counted.group(1)) == sent, (by_worker, text[:3000])
             assert re.search(r"^featuremap_compute_active \S+$", text, re.M), text[:3000]
+
+
+def test_workers_take_turns_at_a_burst_of_new_connections(tmp_path: Path) -> None:
+    """16 connections opened at once, before any request, then one request on each: every worker holds some of
+    them. asyncio alone lets the first worker to wake accept every waiting connection (16 to 0 in two of four
+    tries here), and the server then runs at one worker's speed; `FairAcceptEventLoop` takes one per wake-up."""
+    if default_workers() < 2:
+        pytest.skip("one usable CPU: the default is one worker")
+    with served(None, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}) as (url, _, log):
+        port = int(url.rsplit(":", 1)[1])
+        key = mmap_key(
+            "featuremap_requests",
+            "featuremap_requests_total",
+            ["method", "route", "status"],
+            ["GET", "/healthz", "200"],
+            "HTTP requests answered",
+        )
+        before = _counts_by_worker(tmp_path, key)
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(16)]
+        try:
+            for conn in connections:
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            for conn in connections:
+                assert conn.recv(65536).startswith(b"HTTP/1.1 200 "), log.read_text()[-2000:]
+        finally:
+            for conn in connections:
+                conn.close()
+        after = _counts_by_worker(tmp_path, key)
+        served_here = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+        assert sum(served_here.values()) == 16, served_here
+        assert len(served_here) == default_workers() and min(served_here.values()) >= 4, served_here
+
+
+def _counts_by_worker(directory: Path, key: str) -> dict[str, float]:
+    counts = {}
+    for db in directory.glob("counter_*.db"):
+        values = {k: v for k, v, *_ in MmapedDict.read_all_values_from_file(str(db))}
+        counts[db.stem.removeprefix("counter_")] = values.get(key, 0.0)
+    return counts
 
 
 def test_schemathesis_finds_no_5xx_and_no_response_off_schema(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
-"""The h11 protocol `python -m service` runs: Nagle off on every connection, even on a listening socket bound
-the way uvicorn binds it for several workers (proto 0, where asyncio leaves Nagle on)."""
+"""How `python -m service` serves connections: its h11 protocol turns Nagle off on every connection, even on a
+listening socket bound the way uvicorn binds it for several workers (proto 0, where asyncio leaves Nagle on);
+its event loop takes one waiting connection per wake-up, so that workers sharing the socket take turns."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import socket
 import threading
 import time
@@ -14,7 +17,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.serving import H11NoDelayProtocol
+from service.serving import FairAcceptEventLoop, H11NoDelayProtocol
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,3 +62,57 @@ def nodelay_seen(protocol: type[H11Protocol]) -> list[int]:
 def test_connections_have_nagle_off(protocol: type[H11Protocol], expected: list[int]) -> None:
     """The plain protocol is the control: it shows the socket this test builds does reproduce the problem."""
     assert [int(bool(v)) for v in nodelay_seen(protocol)] == expected
+
+
+def left_waiting_after_one_pass(loop_class: type[asyncio.AbstractEventLoop], waiting: int) -> int:
+    """`waiting` connections queue on a listening socket before the loop looks; one short pass of the loop
+    (a `sleep(0)`); then how many are still waiting to be accepted."""
+    loop = loop_class()
+    transports: list[asyncio.BaseTransport] = []
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transports.append(transport)
+
+    try:
+        server = loop.run_until_complete(loop.create_server(Keep, "127.0.0.1", 0, backlog=64))
+        listener = server.sockets[0]
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(waiting)]
+        ready = socket.socket(fileno=os.dup(listener.fileno()))  # the same listening socket, to count with
+        ready.setblocking(False)
+        deadline = time.monotonic() + 10
+        while len(select.select([ready], [], [], 1)[0]) == 0:  # handshakes done: the queue is not empty
+            assert time.monotonic() < deadline
+        time.sleep(0.2)  # the rest of the loopback handshakes complete
+        loop.run_until_complete(asyncio.sleep(0))
+        left = 0
+        while True:
+            try:
+                conn, _ = ready.accept()
+            except BlockingIOError:
+                break
+            conn.close()
+            left += 1
+        loop.run_until_complete(asyncio.sleep(0.05))  # the accepted connections are made
+        for transport in transports:
+            transport.close()
+        for client in clients:
+            client.close()
+        ready.close()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        return left
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize(("loop_class", "most_taken"), [(FairAcceptEventLoop, 3), (asyncio.SelectorEventLoop, 8)])
+def test_the_loop_takes_one_waiting_connection_per_wakeup(
+    loop_class: type[asyncio.AbstractEventLoop], most_taken: int
+) -> None:
+    """asyncio's own loop (the control) takes all 8 at once; ours one per turn of the loop, and running a
+    `sleep(0)` to completion takes three turns (the step, the task's end, its done callback)."""
+    taken = 8 - left_waiting_after_one_pass(loop_class, 8)
+    assert 1 <= taken <= most_taken
+    if loop_class is asyncio.SelectorEventLoop:
+        assert taken == 8
