@@ -129,10 +129,12 @@ class Server:
 
 def uvicorn(app: str, workers: int = 1) -> list[str]:
     """A baseline app under plain uvicorn; with workers, under the service's protocol (Nagle off), since plain
-    uvicorn's workers keep Nagle on and stall 40 ms a request here (see service/serving.py)."""
+    uvicorn's workers keep Nagle on and stall 40 ms a request here, and its event loop, since asyncio's lets one
+    worker take a whole burst of new connections (see service/serving.py): the baselines get the same fixes."""
     cmd = [sys.executable, "-m", "uvicorn", app, "--port", "{port}", "--log-level", "warning", "--no-access-log"]
     if workers > 1:
         cmd += ["--workers", str(workers), "--http", "service.serving:H11NoDelayProtocol"]
+        cmd += ["--loop", "service.serving:FairAcceptEventLoop"]
     return cmd
 
 
@@ -209,10 +211,10 @@ def predict_scenarios(args: argparse.Namespace) -> None:
     queue = {"FEATUREMAP_MAX_QUEUE": "64"}
     for name, cmd, path, ready, env in [
         ("floor: bare FastAPI, parse multipart, constant", uvicorn("bench.apps.floor:app"), "/predict", "/docs", {}),
-        ("  the same, 2 workers (Nagle off)", uvicorn("bench.apps.floor:app", 2), "/predict", "/docs", {}),
+        ("  the same, 2 workers (Nagle off, fair accept)", uvicorn("bench.apps.floor:app", 2), "/predict", "/docs", {}),
         ("tutorial-style FastAPI + the same CNN", uvicorn("bench.apps.tutorial:app"), "/predict", "/docs", {}),
         (
-            "  the same, 2 workers of 1 torch thread (Nagle off)",
+            "  the same, 2 workers of 1 torch thread (Nagle off, fair accept)",
             uvicorn("bench.apps.tutorial:app", 2),
             "/predict",
             "/docs",
