@@ -12,6 +12,7 @@ of the work itself (decode + pipeline + encode, timed in-process in the same run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import json
@@ -207,7 +208,7 @@ SERVICE = [sys.executable, "-m", "service", "--port", "{port}"]
 
 def predict_scenarios(args: argparse.Namespace) -> None:
     digit = multipart({"image": digit_png()})
-    rows: list[tuple[str, list[Load], Load]] = []
+    rows: list[tuple[str, list[str], str, str, dict[str, str]]] = []
     queue = {"FEATUREMAP_MAX_QUEUE": "64"}
     for name, cmd, path, ready, env in [
         ("floor: bare FastAPI, parse multipart, constant", uvicorn("bench.apps.floor:app"), "/predict", "/docs", {}),
@@ -236,32 +237,35 @@ def predict_scenarios(args: argparse.Namespace) -> None:
             {**queue, "WEB_CONCURRENCY": "1"},
         ),
     ]:
-        with Server(cmd, env, ready) as server:
-            wrk(server.url + path, digit, 16, 2, CTYPE)  # warm-up
-            # Several runs, each with new connections: with workers, how the kernel spreads 16 connections over
-            # them varies from run to run, and so does throughput; the median and the range say how much.
-            runs = sorted(
-                (wrk(server.url + path, digit, 16, args.seconds, CTYPE) for _ in range(args.runs)),
-                key=lambda load: load.rps,
-            )
-            one = wrk(server.url + path, digit, 1, args.seconds, CTYPE)
-            rows.append((name, runs, one))
-    floor = rows[0][1][len(rows[0][1]) // 2].rps
+        rows.append((name, cmd, path, ready, env))
+    with contextlib.ExitStack() as stack:
+        # All the servers start first and wait, idle, while each in turn is loaded: every round loads each
+        # once, so the machine's drift (tens of percent within minutes here) touches every row alike, and each
+        # round's ratios compare runs made seconds apart. Each run opens new connections.
+        servers = [stack.enter_context(Server(cmd, env, ready)) for _, cmd, _, ready, env in rows]
+        urls = [server.url + path for server, (_, _, path, _, _) in zip(servers, rows, strict=True)]
+        for url in urls:
+            wrk(url, digit, 16, 2, CTYPE)  # warm-up
+        rounds = [[wrk(url, digit, 16, args.seconds, CTYPE) for url in urls] for _ in range(args.runs)]
+        ones = [[wrk(url, digit, 1, args.seconds, CTYPE) for url in urls] for _ in range(args.runs)]
     print(
-        f"\n/predict, multipart 28x28 PNG, {args.seconds:g} s per run, wrk on the same cores; 16 clients: the median "
-        f"of {args.runs} runs (and their range); ratios to the 1-process floor's median"
+        f"\n/predict, multipart 28x28 PNG, {args.seconds:g} s per run, wrk on the same cores, {args.runs} rounds "
+        "that each load every server in turn; 16 clients: the median req/s (and the range); vs floor: the median "
+        "of each round's ratio to the 1-process floor in that round; 1 client: the median of the rounds' p50s"
     )
     print(
-        f"{'server':<52}{'16 clients req/s':>17}{'range':>12}{'p50 ms':>8}{'p99 ms':>8}{'vs floor':>9}"
+        f"{'server':<66}{'16 clients req/s':>17}{'range':>12}{'p50 ms':>8}{'p99 ms':>8}{'vs floor':>9}"
         f"{'1 client p50 ms':>17}{'non-2xx':>9}"
     )
-    for name, runs, one in rows:
+    for i, (name, *_) in enumerate(rows):
+        runs = sorted((r[i] for r in rounds), key=lambda load: load.rps)
         many = runs[len(runs) // 2]
-        spread = f"{runs[0].rps:.0f}-{runs[-1].rps:.0f}"
-        errors = sum(r.errors for r in runs) + one.errors
+        ratio = float(np.median([r[i].rps / r[0].rps for r in rounds]))
+        one = float(np.median([o[i].p50_ms for o in ones]))
+        errors = sum(r[i].errors for r in rounds) + sum(o[i].errors for o in ones)
         print(
-            f"{name:<52}{many.rps:>17.0f}{spread:>12}{many.p50_ms:>8.2f}{many.p99_ms:>8.2f}"
-            f"{many.rps / floor:>9.2f}{one.p50_ms:>17.2f}{errors:>9}"
+            f"{name:<66}{many.rps:>17.0f}{f'{runs[0].rps:.0f}-{runs[-1].rps:.0f}':>12}{many.p50_ms:>8.2f}"
+            f"{many.p99_ms:>8.2f}{ratio:>9.2f}{one:>17.2f}{errors:>9}"
         )
 
 

@@ -301,9 +301,10 @@ class Classifier:
 def _onednn(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """`model` with its conv -> ReLU -> pool blocks run on oneDNN ("mkldnn") tensors: the input is converted once,
     and the layers then run on oneDNN's blocked layout without the conversions (or, channels-last, the pooling
-    indices) the module's own path pays for in every layer. The same kernels and the same arithmetic: outputs equal
-    the module's, and in bench/serve.py's measurements a digit took 0.8x the module's time alone and 0.5x in a
-    batch of 16. None when this build of torch has no oneDNN, or the blocks hold a layer it cannot run."""
+    indices) the module's own path pays for in every layer. The same kernels: on the 10,000 test digits the logits
+    equal the module's bit for bit in batches, and within 1e-5 one digit at a time. On a 2-core machine a batch of
+    16 took about half the time of the module run channels-last, a lone digit 0.8-1.0x. None when this build of
+    torch has no oneDNN, or the blocks hold a layer it cannot run."""
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return None
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
