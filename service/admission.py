@@ -19,7 +19,7 @@ T = TypeVar("T")
 class Admission:
     """Counts are read by /metrics; the event loop is the only writer, so plain ints suffice."""
 
-    def __init__(self, limit: int, queue: int, wait_s: float) -> None:
+    def __init__(self, limit: int, queue: int, wait_s: float, thread_setup: Callable[[], object] | None = None) -> None:
         self.limit = limit
         self.queue = queue
         self.wait_s = wait_s
@@ -27,7 +27,8 @@ class Admission:
         self.waiting = 0
         self.on_change: Callable[[], None] | None = None  # told after either count changes (metrics)
         self._slots = asyncio.Semaphore(limit)
-        self._executor = ThreadPoolExecutor(limit, thread_name_prefix="compute")
+        # `thread_setup` runs once on each compute thread as it starts (per-thread settings, such as OpenMP's).
+        self._executor = ThreadPoolExecutor(limit, thread_name_prefix="compute", initializer=thread_setup)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on a compute thread once a slot is free; OverloadedError when none comes in time."""

@@ -3,6 +3,7 @@ RFC 9457 problem+json from the one mapping below. `app` is what `uvicorn service
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -251,27 +252,38 @@ def _publish_api_key_security(schema: dict[str, Any], routes: list[BaseRoute]) -
         }
 
 
+def _on_thread(setup: Callable[[], object], target: Callable[..., None], *args: Any) -> None:
+    setup()
+    target(*args)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app around `settings` (read from FEATUREMAP_* variables when not given)."""
     settings = settings or Settings()
 
-    admission = Admission(settings.compute_slots, settings.max_queue, settings.queue_wait_s)
+    # Each compute thread's torch ops get their share of the cores, so concurrent requests do not oversubscribe
+    # them (the main way to lose throughput on a small machine). The count is set on every thread that runs
+    # torch: OpenMP keeps it per thread, and oneDNN's convolutions on a thread that never set it ran a team of
+    # one thread per core (seen here: two extra threads in each worker, on top of the other workers' ones).
+    torch_threads = settings.torch_threads or threads_per_slot(settings.compute_slots)
+    use_torch_threads = functools.partial(torch.set_num_threads, torch_threads)
+    admission = Admission(settings.compute_slots, settings.max_queue, settings.queue_wait_s, use_torch_threads)
     metrics = Metrics(admission)
     max_pending = max(settings.max_queue, 1) * settings.batch_max_size
     batcher = MicroBatcher(predict.predict_many, admission, settings.batch_max_size, max_pending)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        # Each compute thread's torch ops get their share of the cores, so concurrent requests do not
-        # oversubscribe them (the main way to lose throughput on a small machine).
-        torch.set_num_threads(settings.torch_threads or threads_per_slot(settings.compute_slots))
+        use_torch_threads()
         peers = os.environ.get(READY_DIR_ENV)
         readiness = Readiness(Path(peers) if peers else None, worker_processes())
         registry = Registry()
         restore_sigterm = _drain_on_sigterm(readiness, settings.shutdown_delay_s)
         if settings.warmup:
             args = (readiness, registry, settings.models_dir)
-            threading.Thread(target=warm_up, args=args, name="warm-up", daemon=True).start()
+            threading.Thread(
+                target=_on_thread, args=(use_torch_threads, warm_up, *args), name="warm-up", daemon=True
+            ).start()
         else:
             registry.load(settings.models_dir)
             readiness.mark_ready()
