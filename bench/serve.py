@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.serve --seconds 10
 
-Each server runs alone on 127.0.0.1 (one process, or the workers its row names), and wrk (Debian's `wrk`, installed with apt-get) loads it
-with a multipart upload of a 28x28 PNG digit: 16 connections for throughput, 1 for latency. Baselines: the
+Every server starts on 127.0.0.1 (one process, or the workers its row names) and waits while wrk (Debian's `wrk`,
+installed with apt-get) loads each in turn, round after round, with a multipart upload of a 28x28 PNG digit:
+16 connections for throughput, 1 for latency. Baselines: the
 framework floor (a bare FastAPI endpoint that parses the same upload and returns a constant) and a
 tutorial-style FastAPI app serving the same shipped CNN. For /v1/featuremaps, the time the service adds on top
 of the work itself (decode + pipeline + encode, timed in-process in the same run) is reported as a ratio.
