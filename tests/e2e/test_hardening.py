@@ -167,13 +167,7 @@ def test_the_default_launch_runs_a_worker_per_usable_cpu_each_with_its_share(tmp
         workers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == default_workers(), (children, log.read_text()[-2000:])
         digit = (ROOT / "service" / "samples" / "digit.png").read_bytes()
-        key = mmap_key(
-            "featuremap_requests",
-            "featuremap_requests_total",
-            ["method", "route", "status"],
-            ["POST", "/v1/predict", "200"],
-            "HTTP requests answered",
-        )
+        key = _answered_key("POST", "/v1/predict")
 
         sent = 0
         for _ in range(40):  # each on a new connection, until two workers have answered some
@@ -199,18 +193,13 @@ def test_the_default_launch_runs_a_worker_per_usable_cpu_each_with_its_share(tmp
 def test_workers_take_turns_at_a_burst_of_new_connections(tmp_path: Path) -> None:
     """16 connections opened at once, before any request, then one request on each: every worker holds some of
     them. asyncio alone lets the first worker to wake accept every waiting connection (16 to 0 in two of four
-    tries here), and the server then runs at one worker's speed; `FairAcceptEventLoop` takes one per wake-up."""
+    tries here), and the server then runs at one worker's speed; `FairAcceptEventLoop` takes one per wake-up
+    (tests/unit/test_serving.py shows that exactly; this shows `python -m service` serves with it)."""
     if default_workers() < 2:
         pytest.skip("one usable CPU: the default is one worker")
     with served(None, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}) as (url, _, log):
         port = int(url.rsplit(":", 1)[1])
-        key = mmap_key(
-            "featuremap_requests",
-            "featuremap_requests_total",
-            ["method", "route", "status"],
-            ["GET", "/healthz", "200"],
-            "HTTP requests answered",
-        )
+        key = _answered_key("GET", "/healthz")
         before = _counts_by_worker(tmp_path, key)
         connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(16)]
         try:
@@ -221,10 +210,25 @@ def test_workers_take_turns_at_a_burst_of_new_connections(tmp_path: Path) -> Non
         finally:
             for conn in connections:
                 conn.close()
-        after = _counts_by_worker(tmp_path, key)
-        served_here = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+        deadline = time.monotonic() + 10
+        while True:  # a request is counted just after its answer is sent
+            after = _counts_by_worker(tmp_path, key)
+            served_here = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+            if sum(served_here.values()) == 16 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert sum(served_here.values()) == 16, served_here
-        assert len(served_here) == default_workers() and min(served_here.values()) >= 4, served_here
+        # Taking turns depends on each worker being scheduled when a connection arrives: on an idle machine the
+        # split was 7-9 each, on a busy one as uneven as 13 to 2; never none, as asyncio's own loop often gives.
+        assert len(served_here) == default_workers() and min(served_here.values()) >= 2, served_here
+
+
+def _answered_key(method: str, route: str) -> str:
+    """The key of `featuremap_requests_total{method, route, status="200"}` in the workers' metric files."""
+    labels = ["method", "route", "status"]
+    return mmap_key(
+        "featuremap_requests", "featuremap_requests_total", labels, [method, route, "200"], "HTTP requests answered"
+    )
 
 
 def _counts_by_worker(directory: Path, key: str) -> dict[str, float]:

@@ -116,3 +116,18 @@ def test_the_loop_takes_one_waiting_connection_per_wakeup(
     assert 1 <= taken <= most_taken
     if loop_class is asyncio.SelectorEventLoop:
         assert taken == 8
+
+
+def test_python_m_service_serves_with_this_protocol_and_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `make run` and the image start: the protocol and the loop above, whatever the worker count."""
+    import service.__main__ as entry
+
+    seen: list[dict[str, object]] = []
+    monkeypatch.setattr(entry.uvicorn, "run", lambda app, **kwargs: seen.append(kwargs))
+    for name in ("WEB_CONCURRENCY", entry.READY_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR"):  # main() sets them: restored
+        monkeypatch.delenv(name, raising=False)
+    for workers in ("1", "2"):
+        entry.main(["--workers", workers])
+    assert [(k["workers"], k["http"], k["loop"]) for k in seen] == [
+        (n, H11NoDelayProtocol, "service.serving:FairAcceptEventLoop") for n in (1, 2)
+    ]
