@@ -164,7 +164,7 @@ async def _read_form(request: Request, fields: tuple[str, ...]) -> tuple[bytes, 
     if upload is None or not upload.is_file:
         raise field_error("image", "a file field named 'image' is required", "missing")
     values = {name: form[name].text() for name in fields if name in form}
-    return bytes(upload.data), values
+    return upload.data, values
 
 
 async def read_featuremaps_payload(request: Request) -> ImagePayload[FeaturemapsSpec]:

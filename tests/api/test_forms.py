@@ -39,6 +39,8 @@ CASES: list[tuple[str, str, bytes]] = [
     ("latin-1 charset", CTYPE + "; charset=latin-1", body(part("image", PNG, "a.png"), part("spec", "naïve".encode("latin-1")))),
     ("unknown charset reads as latin-1", CTYPE + "; charset=klingon", body(part("spec", "naïve".encode("latin-1")))),
     ("bad utf-8 in a field", CTYPE, body(part("spec", b"\xff\xfe"))),
+    ("a codec that is not a text encoding", CTYPE + "; charset=base64", body(part("spéc", "naïve".encode()))),
+    ("empty boundary", 'multipart/form-data; boundary=""', body(part("image", PNG, "a.png"))),
     ("quoted boundary", f'multipart/form-data; boundary="{B}"', body(part("image", PNG, "a.png"))),
     ("no parts", CTYPE, f"--{B}--\r\n".encode()),
     ("missing boundary", "multipart/form-data", body(part("image", PNG, "a.png"))),
@@ -85,7 +87,7 @@ def ours(content_type: str, data: bytes) -> dict[str, tuple[bool, bytes]] | tupl
         form = parse_form(content_type, data, max_files=2, max_fields=6)
     except HTTPException as e:
         return (e.status_code, str(e.detail))
-    return {name: (p.is_file, bytes(p.data) if p.is_file else p.text().encode()) for name, p in form.items()}
+    return {name: (p.is_file, p.data if p.is_file else p.text().encode()) for name, p in form.items()}
 
 
 @pytest.mark.parametrize(("content_type", "data"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -124,10 +124,12 @@ def test_python_m_service_serves_with_this_protocol_and_loop(monkeypatch: pytest
 
     seen: list[dict[str, object]] = []
     monkeypatch.setattr(entry.uvicorn, "run", lambda app, **kwargs: seen.append(kwargs))
-    for name in ("WEB_CONCURRENCY", entry.READY_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR"):  # main() sets them: restored
-        monkeypatch.delenv(name, raising=False)
+    for name in ("WEB_CONCURRENCY", entry.READY_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR"):
+        monkeypatch.setenv(name, "")  # main() sets them: recorded here, so that they are restored after the test
+        monkeypatch.delenv(name)
     for workers in ("1", "2"):
         entry.main(["--workers", workers])
+        monkeypatch.delenv("WEB_CONCURRENCY")  # as from a clean environment each time
     assert [(k["workers"], k["http"], k["loop"]) for k in seen] == [
         (n, H11NoDelayProtocol, "service.serving:FairAcceptEventLoop") for n in (1, 2)
     ]
