@@ -158,10 +158,39 @@ def test_other_content_types_are_415(client: TestClient, content_type: str, body
     assert_problem(r, 415, "unsupported-media-type", None, "multipart/form-data")
 
 
-def test_broken_multipart_body_is_400(client: TestClient) -> None:
-    r = client.post(URL, content=b"--xyz\r\nnot a part", headers={"Content-Type": "multipart/form-data; boundary=xyz"})
-    assert r.status_code in (400, 422), r.text
-    assert r.headers["content-type"] == "application/problem+json"
+def _part(name: str, data: bytes, filename: str | None = None) -> bytes:
+    file = f'; filename="{filename}"' if filename else ""
+    return f'--xyz\r\nContent-Disposition: form-data; name="{name}"{file}\r\n\r\n'.encode() + data + b"\r\n"
+
+
+MULTIPART = "multipart/form-data; boundary=xyz"
+# fmt: off
+BROKEN_MULTIPART: list[tuple[str, str, bytes, str]] = [
+    ("broken body", MULTIPART, b"--xyz\r\nnot a part", "Invalid multipart data."),
+    ("no boundary", "multipart/form-data", b"--xyz\r\n", "Missing boundary in multipart."),
+    ("a part without a name", MULTIPART, b"--xyz\r\nContent-Disposition: form-data\r\n\r\n1\r\n--xyz--\r\n", '"name" must be provided'),
+    ("too many files", MULTIPART, b"".join(_part(f"f{i}", b"1", "f.png") for i in range(3)) + b"--xyz--\r\n", "Too many files. Maximum number of files is 2."),
+    ("a field over 1 MiB", MULTIPART, _part("spec", b" " * (1024 * 1024 + 1)) + b"--xyz--\r\n", "Part exceeded maximum size of 1024KB."),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "detail"), [c[1:] for c in BROKEN_MULTIPART], ids=[c[0] for c in BROKEN_MULTIPART]
+)
+def test_broken_multipart_bodies_are_400_problems(
+    client: TestClient, content_type: str, body: bytes, detail: str
+) -> None:
+    r = client.post(URL, content=body, headers={"Content-Type": content_type})
+    assert_problem(r, 400, "about:blank", None, detail)
+
+
+def test_a_charset_that_is_no_text_encoding_reads_as_latin1(client: TestClient) -> None:
+    """`charset=base64` names a codec, not a text encoding: the fields are read as latin-1, as Starlette does."""
+    body = _part("image", DOG.read_bytes(), "dog.jpg") + _part("spec", b'{"output": {"stages": [2]}}') + b"--xyz--\r\n"
+    r = client.post(URL, content=body, headers={"Content-Type": MULTIPART + "; charset=base64"})
+    assert r.status_code == 200, r.text
+    assert [s["index"] for s in r.json()["stages"]] == [2]
 
 
 @pytest.mark.parametrize(
