@@ -321,11 +321,65 @@ def _onednn(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
         else:
             return None
 
+    small = _fused_blocks(model)
+
     def run(batch: torch.Tensor) -> torch.Tensor:
+        if small is not None and batch.shape[0] <= SMALL_BATCH:
+            return model.head(small(nets.normalize(batch)))
         x = nets.normalize(batch).to_mkldnn()  # (N, 1, 28, 28), oneDNN layout
         for step in steps:
             x = step(x)
         return model.head(x.to_dense())  # (N, 64, 3, 3) dense -> (N, 10)
+
+    return run
+
+
+# Up to this many digits, `_fused_blocks` is the faster way through the CNN's blocks; above it, oneDNN's blocked
+# layout (measured on 2 cores, one torch thread: 0.78x the time at 1 digit, 0.82x at 2, 0.97x at 4, 1.12x at 8).
+SMALL_BATCH = 4
+
+
+def _fused_blocks(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The CNN's conv -> ReLU -> pool blocks for a few digits: each conv runs with its ReLU fused in (oneDNN's
+    post-op, the kernel torch's own compiler uses on the CPU) and its weights reordered once for that kernel, on
+    channels-last tensors, so a lone digit pays for no weight reorder and no separate ReLU. The logits are the
+    module's within float32 rounding (8e-6 at most over 2,000 test digits, the same labels). None when this build
+    of torch lacks the ops, or the blocks are not conv (zero padding, bias) -> ReLU -> max pool."""
+    ops = torch.ops.mkldnn
+    if not (hasattr(ops, "_convolution_pointwise") and hasattr(ops, "_reorder_convolution_weight")):
+        return None
+    layers = list(model.features)
+    blocks = [layers[i : i + 3] for i in range(0, len(layers), 3)]
+    convs: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int], int]] = []
+    pools: list[tuple[Any, ...]] = []
+    shape = [1, 1, MNIST_SIZE, MNIST_SIZE]
+    for block in blocks:
+        if len(block) != 3:
+            return None
+        conv, relu, pool = block
+        if not (
+            isinstance(conv, nn.Conv2d)
+            and conv.bias is not None
+            and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple)  # not "same"/"valid"
+            and isinstance(relu, nn.ReLU)
+            and isinstance(pool, nn.MaxPool2d)
+            and not pool.return_indices
+        ):
+            return None
+        padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+        weight = ops._reorder_convolution_weight(conv.weight.detach(), padding, stride, dilation, conv.groups, shape)
+        convs.append((weight, conv.bias.detach(), padding, stride, dilation, conv.groups))
+        pools.append((pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode))
+        with torch.inference_mode():  # the next block's input shape, for its weights' reorder
+            shape = list(pool(conv(torch.zeros(shape))).shape)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for (weight, bias, padding, stride, dilation, groups), pool in zip(convs, pools, strict=True):
+            x = ops._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, "relu", [None], "")
+            x = F.max_pool2d(x, *pool)
+        return x
 
     return run
 

@@ -97,6 +97,25 @@ def test_the_serving_net_labels_every_test_digit_as_the_module_does(name: str, t
     assert classifier.serving(torch.device("cpu")) is serving  # compiled once
 
 
+@pytest.mark.parametrize("size", [1, 2, classifiers.SMALL_BATCH, classifiers.SMALL_BATCH + 1])
+def test_small_cnn_batches_take_the_fused_path_with_the_module_s_answers(size: int, test_set) -> None:  # type: ignore[no-untyped-def]
+    """A few digits at a time go through conv+ReLU fused with prepacked weights (`_fused_blocks`), more through
+    oneDNN's layout; either way the labels are the module's and the logits within float32 rounding."""
+    classifier = classifiers.load_classifier("cnn")
+    module, serving = classifier.on(torch.device("cpu")), classifier.serving(torch.device("cpu"))
+    assert isinstance(module, nets.CNN)
+    blocks = classifiers._fused_blocks(module)
+    assert blocks is not None  # this build of torch has the ops: the path below is the one measured
+    x = classifiers.to_input(test_set.images[:400])
+    with torch.inference_mode():
+        expected = module(x)
+        got = torch.cat([serving(x[i : i + size]) for i in range(0, len(x), size)])
+        features = blocks(nets.normalize(x[:size]))
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(features, module.features(nets.normalize(x[:size])), rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_the_serving_net_for_another_device_is_made_without_deadlock(name: str) -> None:
     """A device other than the CPU gets its own copy of the module (made under the same lock); the meta device
