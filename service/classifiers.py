@@ -148,8 +148,11 @@ def preprocess_mnist(img: Image.Image) -> Preprocessed:
         steps.append(f"strokes thickened ({width:.1f} px -> ~{width + k - 1:.1f} px of {side})")
     scale = MNIST_BOX / side
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-    small = np.clip(np.asarray(Image.fromarray(crop, "F").resize(size, method)), 0, 1)
+    if size == (crop.shape[1], crop.shape[0]):  # already 20 px on its long side (MNIST's own digits): as Pillow,
+        small = np.clip(crop, 0, 1)  # whose resize to the same size is a copy
+    else:
+        method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+        small = np.clip(np.asarray(Image.fromarray(np.ascontiguousarray(crop), "F").resize(size, method)), 0, 1)
     if small.max() > 0:
         small = small / small.max()
     steps.append(f"scaled to {size[0]}x{size[1]} (fits 20x20)")

@@ -52,10 +52,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         )
     try:
         img.load()
-        upright = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # the image is ours: no copy when there is nothing to turn
     except Exception as e:
         raise ImageDecodeError(f"the {fmt} image is corrupt or truncated: {e}") from None
-    return upright
+    return img
 
 
 def image_to_tensor(
@@ -76,7 +76,7 @@ def to_8bit_array(img: Image.Image, mode: Literal["L", "RGB"]) -> np.ndarray:
     """Any decoded image -> `(H, W)` (L) or `(H, W, 3)` (RGB) uint8, a writable copy; 16-bit scaled, not clipped."""
     img = _to_8bit(img)
     try:
-        return np.array(img.convert(mode))
+        return np.array(img if img.mode == mode else img.convert(mode))  # np.array copies: never Pillow's memory
     except (ValueError, OSError) as e:
         raise UnsupportedMediaError(f"images in mode {img.mode} cannot be converted to {mode}: {e}") from None
 
