@@ -10,6 +10,7 @@ import orjson
 import torch
 from pydantic import BaseModel
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service import imaging
 from service.classifiers import Prediction
@@ -91,7 +92,7 @@ def montage_response(result: PipelineResult, output: OutputOptions, value_range:
                 ],
             )
         )
-    return Response(imaging.montage(rows), media_type="image/png")
+    return SlicedResponse(imaging.montage(rows), media_type="image/png")
 
 
 def _default(obj: object) -> object:
@@ -105,7 +106,27 @@ def _default(obj: object) -> object:
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
     """orjson straight from the model: numpy float32 arrays come out as their shortest exact decimals."""
     body = orjson.dumps(model, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(body, status_code=status_code, media_type="application/json")
+    return SlicedResponse(body, status_code=status_code, media_type="application/json")
+
+
+class SlicedResponse(Response):
+    """A response whose body, when large, is handed to the server in slices of `SLICE` bytes (same bytes, same
+    Content-Length). Handed over whole, what the socket does not take at once is copied into asyncio's write
+    buffer: for a 34 MB body, a fresh 30 MB copy, about 36 ms on a 2-core VM (most of what HTTP added to that
+    request). In slices, the server's flow control waits for each to drain, so only a slice's remainder is
+    ever buffered, in memory that is reused."""
+
+    SLICE = 1024 * 1024
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body, size = self.body, len(self.body)
+        if scope["type"] != "http" or size <= self.SLICE or self.background is not None:
+            await super().__call__(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for start in range(0, size, self.SLICE):
+            end = start + self.SLICE
+            await send({"type": "http.response.body", "body": body[start:end], "more_body": end < size})
 
 
 def digit_prediction(prediction: Prediction, options: PredictOptions) -> DigitPrediction:

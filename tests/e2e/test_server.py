@@ -13,7 +13,8 @@ import httpx2 as httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import DOG, ROOT
+from service.api.render import SlicedResponse
+from tests.conftest import DOG, ROOT, make_client
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +45,22 @@ def test_dog_through_a_real_server(base_url: str) -> None:
 
         r = client.post("/v1/featuremaps", files={"image": ("x.txt", b"hello")})
         assert r.status_code == 415 and r.headers["content-type"] == "application/problem+json"
+
+
+def test_a_body_of_several_slices_arrives_whole_through_a_real_server(base_url: str) -> None:
+    """The dog's maps as float tensors: a JSON body of several `SlicedResponse` slices, byte for byte the body
+    the app gives in-process (the test client joins the slices itself, without a socket)."""
+    files = {"image": ("dog.jpg", DOG.read_bytes(), "image/jpeg")}
+    data = {"spec": '{"output": {"format": "json"}}'}
+    with make_client() as in_process:
+        expected = in_process.post("/v1/featuremaps", files=files, data=data)
+    assert expected.status_code == 200 and len(expected.content) > 2 * SlicedResponse.SLICE
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        wait_ready(client)
+        r = client.post("/v1/featuremaps", files=files, data=data)
+    assert r.status_code == 200
+    assert r.headers["content-length"] == str(len(expected.content))
+    assert r.content == expected.content
 
 
 def test_a_drawn_digit_through_a_real_server(base_url: str) -> None:
