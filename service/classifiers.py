@@ -148,11 +148,12 @@ def preprocess_mnist(img: Image.Image) -> Preprocessed:
         steps.append(f"strokes thickened ({width:.1f} px -> ~{width + k - 1:.1f} px of {side})")
     scale = MNIST_BOX / side
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    crop = crop.astype(np.float32, copy=False)  # Pillow's "F"
     if size == (crop.shape[1], crop.shape[0]):  # already 20 px on its long side (MNIST's own digits): as Pillow,
         small = np.clip(crop, 0, 1)  # whose resize to the same size is a copy
     else:
         method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-        small = np.clip(np.asarray(Image.fromarray(np.ascontiguousarray(crop), "F").resize(size, method)), 0, 1)
+        small = np.clip(np.asarray(Image.fromarray(crop, "F").resize(size, method)), 0, 1)
     if small.max() > 0:
         small = small / small.max()
     steps.append(f"scaled to {size[0]}x{size[1]} (fits 20x20)")
@@ -276,8 +277,9 @@ class Classifier:
         return model
 
     def serving(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The net as predictions run it on `device`. On the CPU, the CNN's convolutional blocks run on tensors in
-        oneDNN's own layout (`_onednn`), with the same outputs as the module. Otherwise: the module itself."""
+        """The net as predictions run it on `device`. On the CPU, the CNN's convolutional blocks run through oneDNN
+        (`_onednn`: a few digits with conv and ReLU fused, more in oneDNN's own layout), with the module's labels and
+        its logits within float32 rounding. Otherwise: the module itself."""
         net = self._serving.get(device)
         if net is None:
             module = self.on(device)  # before taking the lock: `on` takes it too
@@ -301,13 +303,18 @@ class Classifier:
         return [Prediction(p, d) for p, d in zip(probs, digits, strict=True)]
 
 
+# Up to this many digits, `_fused_blocks` is the faster way through the CNN's blocks; above it, oneDNN's blocked
+# layout (measured on 2 cores, one torch thread: 0.78x the time at 1 digit, 0.82x at 2, 0.97x at 4, 1.12x at 8).
+SMALL_BATCH = 4
+
+
 def _onednn(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """`model` with its conv -> ReLU -> pool blocks run on oneDNN ("mkldnn") tensors: the input is converted once,
-    and the layers then run on oneDNN's blocked layout without the conversions (or, channels-last, the pooling
-    indices) the module's own path pays for in every layer. The same kernels: on the 10,000 test digits the logits
-    equal the module's bit for bit in batches, and within 1e-5 one digit at a time. On a 2-core machine a batch of
-    16 took about half the time of the module run channels-last, a lone digit 0.8-1.0x. None when this build of
-    torch has no oneDNN, or the blocks hold a layer it cannot run."""
+    """`model` with its conv -> ReLU -> pool blocks run through oneDNN: up to `SMALL_BATCH` digits by
+    `_fused_blocks`; more on oneDNN ("mkldnn") tensors, where the input is converted once and the layers then run
+    on oneDNN's blocked layout without the conversions (or, channels-last, the pooling indices) the module's own
+    path pays for in every layer. The blocked path's logits equal the module's bit for bit on the 10,000 test
+    digits in batches of 1,000; on a 2-core machine a batch of 16 took about half the time of the module run
+    channels-last. None when this build of torch has no oneDNN, or the blocks hold a layer it cannot run."""
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return None
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
@@ -337,15 +344,11 @@ def _onednn(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return run
 
 
-# Up to this many digits, `_fused_blocks` is the faster way through the CNN's blocks; above it, oneDNN's blocked
-# layout (measured on 2 cores, one torch thread: 0.78x the time at 1 digit, 0.82x at 2, 0.97x at 4, 1.12x at 8).
-SMALL_BATCH = 4
-
-
 def _fused_blocks(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The CNN's conv -> ReLU -> pool blocks for a few digits: each conv runs with its ReLU fused in (oneDNN's
-    post-op, the kernel torch's own compiler uses on the CPU) and its weights reordered once for that kernel, on
-    channels-last tensors, so a lone digit pays for no weight reorder and no separate ReLU. The logits are the
+    post-op, the kernel torch's own compiler uses on the CPU) and its weights reordered once, for the layout
+    oneDNN picks for one digit, on channels-last tensors: a lone digit pays for no weight reorder and no separate
+    ReLU (2 to 4 digits may get another layout, and a reorder per call: 0.82x-0.97x, still a gain). The logits are the
     module's within float32 rounding (8e-6 at most over 2,000 test digits, the same labels). None when this build
     of torch lacks the ops, or the blocks are not conv (zero padding, bias) -> ReLU -> max pool."""
     ops = torch.ops.mkldnn
@@ -377,7 +380,7 @@ def _fused_blocks(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | N
         with torch.inference_mode():  # the next block's input shape, for its weights' reorder
             shape = list(pool(conv(torch.zeros(shape))).shape)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor) -> torch.Tensor:  # (N, 1, 28, 28) -> (N, 64, 3, 3), channels-last
         x = x.contiguous(memory_format=torch.channels_last)
         for (weight, bias, padding, stride, dilation, groups), pool in zip(convs, pools, strict=True):
             x = ops._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, "relu", [None], "")

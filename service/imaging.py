@@ -52,7 +52,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         )
     try:
         img.load()
-        ImageOps.exif_transpose(img, in_place=True)  # the image is ours: no copy when there is nothing to turn
+        if fmt == "WEBP":  # its file object keeps the decoder and its canvas (2x the pixels): a copy lets them go
+            return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # the others drop their decoder on load: no copy needed
     except Exception as e:
         raise ImageDecodeError(f"the {fmt} image is corrupt or truncated: {e}") from None
     return img

@@ -111,10 +111,10 @@ def json_response(model: BaseModel, status_code: int = 200) -> Response:
 
 class SlicedResponse(Response):
     """A response whose body, when large, is handed to the server in slices of `SLICE` bytes (same bytes, same
-    Content-Length). Handed over whole, what the socket does not take at once is copied into asyncio's write
-    buffer: for a 34 MB body, a fresh 30 MB copy, about 36 ms on a 2-core VM (most of what HTTP added to that
-    request). In slices, the server's flow control waits for each to drain, so only a slice's remainder is
-    ever buffered, in memory that is reused."""
+    Content-Length). Handed over whole, what the socket does not take at once is copied (twice, in Python 3.11's
+    asyncio) into a fresh write buffer of nearly the body's size; in slices, the server's flow control waits for
+    each to drain, so at most about a slice is ever buffered. Sending a 34 MB JSON body took 15 ms (13-16)
+    against 32 ms (22-53) whole, alternated in one server on 2 cores."""
 
     SLICE = 1024 * 1024
 

@@ -79,7 +79,7 @@ def test_shipped_weights_reproduce_their_cards(name: str, test_set) -> None:  # 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_the_serving_net_labels_every_test_digit_as_the_module_does(name: str, test_set) -> None:  # type: ignore[no-untyped-def]
-    """Predictions run the CNN's blocks on oneDNN tensors on the CPU: same labels, so the card's accuracy holds for
+    """Predictions run the CNN's blocks through oneDNN on the CPU: same labels, so the card's accuracy holds for
     what is served; logits within float32 rounding; any batch size gives the same answer."""
     classifier = classifiers.load_classifier(name)
     module, serving = classifier.on(torch.device("cpu")), classifier.serving(torch.device("cpu"))
@@ -111,9 +111,26 @@ def test_small_cnn_batches_take_the_fused_path_with_the_module_s_answers(size: i
         expected = module(x)
         got = torch.cat([serving(x[i : i + size]) for i in range(0, len(x), size)])
         features = blocks(nets.normalize(x[:size]))
+        fused = module.head(features)
+        blocked = module.head(module.features(nets.normalize(x[:size])))  # what oneDNN's layout gives, bit for bit
+        served = serving(x[:size])
     assert torch.equal(got.argmax(1), expected.argmax(1))
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
     torch.testing.assert_close(features, module.features(nets.normalize(x[:size])), rtol=0, atol=2e-5)
+    assert not torch.equal(fused, blocked)  # the two paths round differently, so the next line tells them apart
+    assert torch.equal(served, fused if size <= classifiers.SMALL_BATCH else blocked)
+
+
+def test_a_resize_to_the_same_size_is_a_copy_in_pillow() -> None:
+    """`preprocess_mnist` skips the resize when the ink is already 20 px on its long side, because Pillow's resize
+    to the image's own size returns its pixels unchanged, with either filter: if a Pillow release changed that,
+    this fails, and the shortcut would no longer give Pillow's answer."""
+    rng = np.random.default_rng(0)
+    for shape in [(20, 20), (20, 7), (13, 20), (20, 1)]:
+        crop = rng.random(shape, dtype=np.float32)
+        for method in (Image.Resampling.BILINEAR, Image.Resampling.BOX):
+            same = np.asarray(Image.fromarray(crop, "F").resize((shape[1], shape[0]), method))
+            assert same.dtype == np.float32 and np.array_equal(same, crop)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])

@@ -39,6 +39,15 @@ def test_lossless_formats_decode_to_the_same_pixels(fmt: str) -> None:
     np.testing.assert_array_equal(np.asarray(img.convert("RGB")), np.asarray(RGB))
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP", "JPEG", "GIF"])
+def test_a_decoded_image_holds_no_decoder(fmt: str) -> None:
+    """What `decode_image` returns lives through the request: it must not keep the file's decoder, which for WebP
+    holds a canvas of its own (2x the pixels), so WebP comes back as a plain copy; the others drop theirs on load."""
+    img = imaging.decode_image(encoded(RGB, fmt), BIG)
+    assert getattr(img, "_decoder", None) is None
+    assert getattr(img, "fp", None) is None  # the file is read and let go
+
+
 def test_jpeg_decodes_like_opencv() -> None:
     got = imaging.image_to_tensor(imaging.decode_image(DOG.read_bytes(), BIG), "rgb", "none")
     want = cv2.cvtColor(cv2.imread(str(DOG)), cv2.COLOR_BGR2RGB).transpose(2, 0, 1)

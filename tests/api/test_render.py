@@ -1,4 +1,5 @@
-"""Large bodies are handed to the server in slices: the same bytes and the same Content-Length, whole or not."""
+"""`service.api.render`'s responses: large bodies are handed to the server in slices, with the same bytes and the
+same Content-Length as whole."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import math
 
 import pytest
+from starlette.background import BackgroundTask
 from starlette.types import Message
 
 from service.api.render import SlicedResponse
@@ -13,7 +15,7 @@ from service.api.render import SlicedResponse
 SLICE = SlicedResponse.SLICE
 
 
-def sent(response: SlicedResponse) -> list[Message]:
+def sent(response: SlicedResponse, scope_type: str = "http") -> list[Message]:
     messages: list[Message] = []
 
     async def receive() -> Message:
@@ -22,7 +24,7 @@ def sent(response: SlicedResponse) -> list[Message]:
     async def send(message: Message) -> None:
         messages.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+    scope = {"type": scope_type, "method": "POST", "path": "/", "headers": []}
     asyncio.run(response(scope, receive, send))
     return messages
 
@@ -37,3 +39,17 @@ def test_a_body_leaves_whole_or_in_slices_with_its_bytes_and_length(size: int) -
     assert len(parts) == max(1, math.ceil(size / SLICE))
     assert [p.get("more_body", False) for p in parts] == [True] * (len(parts) - 1) + [False]
     assert all(len(p["body"]) <= SLICE for p in parts)
+
+
+def test_a_response_with_a_background_task_is_sent_whole_and_runs_it() -> None:
+    """Starlette runs a background task after the body; such a response keeps Starlette's own sending."""
+    ran: list[bool] = []
+    body = bytes(3 * SLICE)
+    start, *parts = sent(SlicedResponse(body, background=BackgroundTask(lambda: ran.append(True))))
+    assert [len(p["body"]) for p in parts] == [len(body)] and ran == [True]
+
+
+def test_a_websocket_scope_gets_starlette_s_own_denial_response() -> None:
+    """Outside plain HTTP (a denied websocket handshake), the response is Starlette's, unsliced."""
+    messages = sent(SlicedResponse(bytes(2 * SLICE)), "websocket")
+    assert [m["type"] for m in messages] == ["websocket.http.response.start", "websocket.http.response.body"]
