@@ -166,8 +166,10 @@ def in_process_featuremaps(image: bytes, spec: dict[str, object], repeats: int) 
     from service.api.featuremaps import _featuremaps
     from service.config import Settings
     from service.cpus import threads_per_slot
+    from service.memory import tune_allocator
     from service.schemas import FeaturemapsSpec
 
+    tune_allocator()  # as every server worker does
     torch.set_num_threads(threads_per_slot(Settings().compute_slots))
     payload = ImagePayload(image, FeaturemapsSpec.model_validate(spec))
     settings = Settings()

@@ -52,6 +52,7 @@ from service.errors import (
     UnknownModelError,
     format_loc,
 )
+from service.memory import tune_allocator
 from service.middleware import BodyLimitMiddleware
 from service.observability import Metrics, RequestContextMiddleware
 from service.readiness import Readiness, warm_up
@@ -259,6 +260,7 @@ def _on_thread(setup: Callable[[], object], target: Callable[..., None], *args: 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app around `settings` (read from FEATUREMAP_* variables when not given)."""
+    tune_allocator()  # first, before the compute threads exist: large buffers are reused, not faulted in anew
     settings = settings or Settings()
 
     # Each compute thread's torch ops get their share of the cores, so concurrent requests do not oversubscribe
