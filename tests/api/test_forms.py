@@ -4,11 +4,14 @@ the same 400s with the same words, for well-formed, unusual and broken bodies.""
 from __future__ import annotations
 
 import asyncio
+from tempfile import SpooledTemporaryFile
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette import formparsers
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -81,7 +84,21 @@ def starlette_form(content_type: str, data: bytes) -> dict[str, tuple[bool, byte
         except HTTPException as e:
             return (e.status_code, str(e.detail))
 
-    return asyncio.run(run())
+    # Starlette's parser leaves a part's spooled file unclosed on some broken bodies (seen in CI: a ResourceWarning
+    # from its SpooledTemporaryFile, raised later in whichever test ran then). That is the reference's leak, not the
+    # parser under test's (ours makes no files), so the reference's files are all closed here, whatever happened.
+    made: list[SpooledTemporaryFile[bytes]] = []
+
+    def spooled(*args: Any, **kwargs: Any) -> SpooledTemporaryFile[bytes]:
+        made.append(SpooledTemporaryFile(*args, **kwargs))
+        return made[-1]
+
+    with mock.patch.object(formparsers, "SpooledTemporaryFile", spooled):
+        try:
+            return asyncio.run(run())
+        finally:
+            for file in made:
+                file.close()
 
 
 def ours(content_type: str, data: bytes) -> dict[str, tuple[bool, bytes]] | tuple[int, str]:
