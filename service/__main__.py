@@ -13,6 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from service.cpus import READY_DIR_ENV, default_workers
+from service.memory import GLIBC_TUNABLES
 from service.serving import H11NoDelayProtocol
 
 LOG_CONFIG = Path(__file__).with_name("logging.json")
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     os.environ["WEB_CONCURRENCY"] = str(args.workers)  # each worker sizes its torch threads by it (service.cpus)
+    os.environ.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)  # workers reuse large buffers (service.memory)
     os.environ.pop(READY_DIR_ENV, None)  # only ever the one made here, for these workers
     shared = tempfile.mkdtemp(prefix="featuremap-workers-") if args.workers > 1 else None
     if shared:

@@ -8,6 +8,12 @@ every request paid about 85,000 page faults, each a trip through the hypervisor 
 425 ms, of which about 140 ms went to faulting memory in. With one arena, no mmaps and a 256 MiB trim threshold it
 took 280-300 ms, on a compute thread as on the main one, with about no faults.
 
+Where it is set: `python -m service` puts `GLIBC_TUNABLES` in its workers' environment, so that glibc applies it
+as each starts, before any thread allocates; `tune_allocator` (from `create_app`) does the same with mallopt(3) in
+a process that started without it. Only the former is sure: glibc fixes its arena limit the first time a second
+thread allocates, and a spawned worker's threads had done so before its app was made (it still paid about 65,000
+faults a request, against none with the variable).
+
 What it costs: memory freed below the top of the heap stays with the process for reuse, up to what the largest
 requests needed at once (which the service's limits bound); free memory above the trim threshold at the top of
 the heap is still returned. The predict path, with its small allocations, measured the same (16 clients: 1.07x
@@ -26,6 +32,8 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
 TRIM_THRESHOLD = 256 * 1024 * 1024  # free memory at the heap's top beyond this goes back to the kernel
+# The same settings as glibc's tunables, read when a process starts (for the workers `python -m service` spawns).
+GLIBC_TUNABLES = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
 
 
 @functools.cache

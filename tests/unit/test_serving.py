@@ -17,6 +17,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from service import memory
 from service.serving import FairAcceptEventLoop, H11NoDelayProtocol
 
 
@@ -134,12 +135,16 @@ def test_python_m_service_serves_with_this_protocol_and_loop(monkeypatch: pytest
 
     seen: list[dict[str, object]] = []
     monkeypatch.setattr(entry.uvicorn, "run", lambda app, **kwargs: seen.append(kwargs))
-    for name in ("WEB_CONCURRENCY", entry.READY_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR"):
+    for name in ("WEB_CONCURRENCY", entry.READY_DIR_ENV, "PROMETHEUS_MULTIPROC_DIR", "GLIBC_TUNABLES"):
         monkeypatch.setenv(name, "")  # main() sets them: recorded here, so that they are restored after the test
         monkeypatch.delenv(name)
     for workers in ("1", "2"):
         entry.main(["--workers", workers])
         monkeypatch.delenv("WEB_CONCURRENCY")  # as from a clean environment each time
+        assert os.environ["GLIBC_TUNABLES"] == memory.GLIBC_TUNABLES  # what the workers start with
     assert [(k["workers"], k["http"], k["loop"]) for k in seen] == [
         (n, H11NoDelayProtocol, "service.serving:FairAcceptEventLoop") for n in (1, 2)
     ]
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # an operator's own choice stands
+    entry.main(["--workers", "2"])
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
