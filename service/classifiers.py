@@ -332,14 +332,28 @@ def _onednn(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
             return None
 
     small = _fused_blocks(model)
+    head = _inference_head(model)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         if small is not None and batch.shape[0] <= SMALL_BATCH:
-            return model.head(small(nets.normalize(batch)))
+            return head(small(nets.normalize(batch)))
         x = nets.normalize(batch).to_mkldnn()  # (N, 1, 28, 28), oneDNN layout
         for step in steps:
             x = step(x)
-        return model.head(x.to_dense())  # (N, 64, 3, 3) dense -> (N, 10)
+        return head(x.to_dense())  # (N, 64, 3, 3) dense -> (N, 10)
+
+    return run
+
+
+def _inference_head(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model.head` as the serving net runs it (in eval mode, where dropout passes its input through): the same
+    two `F.linear` calls, bit for bit, without `nn.Module`'s call machinery around each of four layers, which
+    cost more than the layers' own work for one digit (66 against 20 µs)."""
+    fc, out = model.fc, model.out
+
+    def run(features: torch.Tensor) -> torch.Tensor:  # (N, 64, 3, 3) -> (N, 10)
+        hidden = torch.relu_(F.linear(features.flatten(1), fc.weight, fc.bias))
+        return F.linear(hidden, out.weight, out.bias)
 
     return run
 

@@ -121,6 +121,22 @@ def test_small_cnn_batches_take_the_fused_path_with_the_module_s_answers(size: i
     assert torch.equal(served, fused if size <= classifiers.SMALL_BATCH else blocked)
 
 
+@pytest.mark.parametrize("size", [1, 3, 16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_serving_head_is_the_module_s_head_bit_for_bit(size: int, layout: torch.memory_format) -> None:
+    """The serving net's head calls the linear layers without their modules: the same numbers, to the bit, for the
+    layouts either path hands it; and a head that skipped or added a step would not be equal."""
+    module = classifiers.load_classifier("cnn").on(torch.device("cpu"))
+    assert isinstance(module, nets.CNN) and not module.training
+    head = classifiers._inference_head(module)
+    features = torch.randn(size, 64, 3, 3, generator=torch.Generator().manual_seed(size))
+    features = features.contiguous(memory_format=layout)
+    with torch.inference_mode():
+        expected = module.head(features)
+        assert torch.equal(head(features), expected)
+        assert not torch.equal(module.out(module.fc(features.flatten(1))), expected)  # the ReLU matters here
+
+
 def test_a_resize_to_the_same_size_is_a_copy_in_pillow() -> None:
     """`preprocess_mnist` skips the resize when the ink is already 20 px on its long side, because Pillow's resize
     to the image's own size returns its pixels unchanged, with either filter: if a Pillow release changed that,
