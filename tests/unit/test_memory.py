@@ -13,8 +13,8 @@ import pytest
 from service import memory
 from tests.conftest import ROOT
 
-# Three requests' work (a 512x512 RGB image through 16 filters -> ReLU -> pool, JSON tensors) on a thread made
-# after the settings, as the compute threads are; prints the page faults the third one took.
+# Seven requests' work (a 512x512 RGB image through 16 filters -> ReLU -> pool, JSON tensors) on a thread made
+# after the settings, as the compute threads are; prints the page faults each of the last five took.
 SCRIPT = """
 import io, resource, sys, threading
 import numpy as np
@@ -39,30 +39,34 @@ def faults():
 
 def requests(out):
     torch.set_num_threads(1)
-    for _ in range(2):
+    for i in range(7):
+        before = faults()
         _featuremaps(payload, Settings(), False)
-    before = faults()
-    _featuremaps(payload, Settings(), False)
-    out.append(faults() - before)
+        if i >= 2:
+            out.append(faults() - before)
 
 out = []
 worker = threading.Thread(target=requests, args=(out,))
 worker.start()
 worker.join()
-print(out[0])
+print(*out)
 """
+BETWEEN = 5000  # page faults a request, on average: tuned below, untuned above
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator, on Linux")
-@pytest.mark.parametrize(
-    ("mode", "low", "high"),
-    [("tuned", 0, 1000), ("environment", 0, 1000), ("default", 3000, 10**6)],
-)
-def test_a_request_reuses_the_memory_the_last_one_freed(mode: str, low: int, high: int) -> None:
-    """Measured: about 15 faults tuned (by mallopt, or by the GLIBC_TUNABLES that `python -m service` gives its
-    workers), about 9,700 by default (each is a trip through the hypervisor on a VM)."""
+@pytest.mark.parametrize("mode", ["tuned", "environment", "default"])
+def test_a_request_reuses_the_memory_the_last_one_freed(mode: str) -> None:
+    """Measured over requests 3 to 7, with 16 hash seeds in two virtual environments: tuned (by mallopt, or by the
+    GLIBC_TUNABLES that `python -m service` gives its workers), most requests take under 20 faults, and a few up to
+    about 4,900 where the heap grows past a fragment: at most about 1,300 a request on average; untuned, 22,000 to
+    36,000 every request (each fault is a trip through the hypervisor on a VM). The average is what is tested: a
+    single request's count depended on the hash seed and the environment (CI once saw 2,943 on the third)."""
     env = {**os.environ, "GLIBC_TUNABLES": memory.GLIBC_TUNABLES} if mode == "environment" else None
     cmd = [sys.executable, "-c", SCRIPT, mode]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert low <= int(run.stdout) <= high
+    counts = [int(n) for n in run.stdout.split()]
+    assert len(counts) == 5
+    mean = sum(counts) / len(counts)
+    assert (mean < BETWEEN) if mode != "default" else (mean > 2 * BETWEEN), counts
