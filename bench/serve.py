@@ -226,6 +226,13 @@ def predict_scenarios(args: argparse.Namespace) -> None:
         ),
         ("this service: /v1/predict (cnn), defaults", SERVICE, "/v1/predict", "/readyz", queue),
         (
+            "  the same, workers not pinned to a CPU each",
+            SERVICE,
+            "/v1/predict",
+            "/readyz",
+            {**queue, "FEATUREMAP_PIN_WORKERS": "false"},
+        ),
+        (
             "  the same, micro-batching off",
             SERVICE,
             "/v1/predict",

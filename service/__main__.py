@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
-from service.cpus import READY_DIR_ENV, default_workers
+from service.cpus import CPU_CLAIMS_ENV, READY_DIR_ENV, default_workers
 from service.memory import GLIBC_TUNABLES
 from service.serving import H11NoDelayProtocol
 
@@ -32,13 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     os.environ["WEB_CONCURRENCY"] = str(args.workers)  # each worker sizes its torch threads by it (service.cpus)
     os.environ.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)  # workers reuse large buffers (service.memory)
-    os.environ.pop(READY_DIR_ENV, None)  # only ever the one made here, for these workers
+    for name in (READY_DIR_ENV, CPU_CLAIMS_ENV):
+        os.environ.pop(name, None)  # only ever the ones made here, for these workers
     shared = tempfile.mkdtemp(prefix="featuremap-workers-") if args.workers > 1 else None
     if shared:
         # Workers mark themselves ready here, so that /readyz answers 200 only once all of them are (Readiness),
         # and share their metrics through files, so that /metrics reports the whole server (Metrics).
-        os.makedirs(os.path.join(shared, "ready"))
-        os.environ[READY_DIR_ENV] = os.path.join(shared, "ready")
+        # And claim a CPU each, where each can have one (service.cpus.pin_worker).
+        for name, env in (("ready", READY_DIR_ENV), ("cpus", CPU_CLAIMS_ENV)):
+            os.makedirs(os.path.join(shared, name))
+            os.environ[env] = os.path.join(shared, name)
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.makedirs(os.path.join(shared, "metrics"))
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(shared, "metrics")

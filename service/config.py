@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         ge=0,
         description="torch threads per computing request; 0 = the usable CPUs divided by all workers' slots.",
     )
+    pin_workers: bool = Field(
+        True,
+        description="With one worker per CPU (and one torch thread each), run each worker on a CPU of its own.",
+    )
     warmup: bool = Field(True, description="Run a small pipeline at start-up before /readyz turns 200.")
 
     @field_validator("api_keys", "cors_origins", mode="before")

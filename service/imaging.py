@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from service.colormaps import LUTS
-from service.cpus import usable_cpus
+from service.cpus import unpin_thread, usable_cpus
 from service.devices import to_host
 from service.errors import ImageDecodeError, LimitExceededError, UnsupportedMediaError
 
@@ -144,7 +144,8 @@ def encode_pngs(images: Sequence[np.ndarray]) -> list[bytes]:
     if len(images) < 2 or sum(img.size for img in images) < _PARALLEL_FROM_PIXELS:
         return [encode_png(img) for img in images]
     if _ENCODERS is None:
-        _ENCODERS = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="png")
+        # Started from a compute thread, they would share its CPU in a pinned worker: they may use them all.
+        _ENCODERS = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="png", initializer=unpin_thread)
     return list(_ENCODERS.map(encode_png, images))
 
 

@@ -39,7 +39,7 @@ from service.api.problem_types import OTHER_PROBLEMS, PROBLEM_TYPES
 from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
-from service.cpus import READY_DIR_ENV, threads_per_slot, worker_processes
+from service.cpus import CPU_CLAIMS_ENV, READY_DIR_ENV, pin_worker, threads_per_slot, worker_processes
 from service.errors import (
     DeviceUnavailableError,
     FeatureMapError,
@@ -269,6 +269,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # one thread per core (seen here: two extra threads in each worker, on top of the other workers' ones).
     torch_threads = settings.torch_threads or threads_per_slot(settings.compute_slots)
     use_torch_threads = functools.partial(torch.set_num_threads, torch_threads)
+    claims = os.environ.get(CPU_CLAIMS_ENV)  # set by `python -m service` for its workers
+    if claims and settings.pin_workers:  # before the compute threads start: they inherit the CPU
+        cpu = pin_worker(Path(claims), worker_processes(), settings.compute_slots * torch_threads)
+        if cpu is not None:
+            log.info("this worker runs on CPU %d", cpu, extra={"cpu": cpu})
     admission = Admission(settings.compute_slots, settings.max_queue, settings.queue_wait_s, use_torch_threads)
     metrics = Metrics(admission)
     max_pending = max(settings.max_queue, 1) * settings.batch_max_size

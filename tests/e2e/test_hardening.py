@@ -22,7 +22,7 @@ import httpx2 as httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from service.cpus import default_workers
+from service.cpus import default_workers, usable_cpus
 from tests.conftest import DOG, ROOT
 from tests.e2e.test_server import free_port, wait_ready
 
@@ -188,6 +188,41 @@ def test_the_default_launch_runs_a_worker_per_usable_cpu_each_with_its_share(tmp
             counted = pattern.search(text)
             assert counted and float(counted.group(1)) == sent, (by_worker, text[:3000])
             assert re.search(r"^featuremap_compute_active \S+$", text, re.M), text[:3000]
+
+
+@pytest.mark.parametrize("pin", ["true", "false"])
+def test_each_worker_runs_on_a_cpu_of_its_own_with_its_compute_thread(pin: str) -> None:
+    """The default launch, where this process's CPUs are all usable (no lower quota): a worker per CPU, each
+    worker's event loop on a CPU of its own, a different one each, and its compute thread on the same CPU
+    (`service.cpus.pin_worker`). FEATUREMAP_PIN_WORKERS=false leaves every thread free to run anywhere."""
+    mask = os.sched_getaffinity(0)
+    if default_workers() < 2 or len(mask) != default_workers() or usable_cpus() != len(mask):
+        pytest.skip("needs one worker per CPU of the affinity mask, 2 at least, and no lower container quota")
+    with served(None, pin_workers=pin) as (url, proc, log):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        digit = (ROOT / "service" / "samples" / "digit.png").read_bytes()
+
+        def cpus_of_threads(pid: int) -> dict[int, set[int]]:
+            return {int(t.name): os.sched_getaffinity(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+
+        def threads_on_own_cpu(pid: int) -> int:
+            threads = cpus_of_threads(pid)
+            return sum(1 for cpus in threads.values() if cpus == threads[pid])
+
+        for _ in range(40):  # each on a new connection, until every worker has started its compute thread
+            with httpx.Client(base_url=url, timeout=30) as client:
+                assert client.post("/v1/predict", files={"image": ("digit.png", digit)}).json()["label"] == 7
+            if pin == "false" or all(threads_on_own_cpu(pid) >= 2 for pid in workers):
+                break
+        loops = [cpus_of_threads(pid)[pid] for pid in workers]  # each worker's main thread runs its event loop
+        if pin == "true":
+            assert sorted(cpu for cpus in loops for cpu in cpus) == sorted(mask), loops  # one each, all different
+            assert all(threads_on_own_cpu(pid) >= 2 for pid in workers), [cpus_of_threads(p) for p in workers]
+            assert log.read_text().count("this worker runs on CPU") == len(workers)
+        else:
+            assert all(cpus == mask for pid in workers for cpus in cpus_of_threads(pid).values()), loops
+            assert "this worker runs on CPU" not in log.read_text()
 
 
 def test_workers_take_turns_at_a_burst_of_new_connections(tmp_path: Path) -> None:
