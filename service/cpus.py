@@ -75,8 +75,9 @@ def pin_worker(claims: Path, workers: int, cpus_per_worker: int) -> int | None:
     At one request at a time the loop and the compute thread take turns, and the scheduler puts each on
     whichever CPU is idle: every hand-over then wakes the other CPU, and each side finds caches the other CPU
     warmed. On one CPU a lone client's prediction took 2.0 against 2.5 ms (p50; 2 workers on 2 cores,
-    bench/serve.py; 16 clients were served as fast, 1,707 against 1,662 req/s). What it gives up: a worker cannot borrow an idle CPU when clients' connections
-    are unevenly shared between the workers (accepts take turns, see `service.serving`).
+    bench/serve.py; 16 clients were served as fast, 1,707 against 1,662 req/s). What it gives up: a worker
+    cannot borrow an idle CPU when clients' connections are unevenly shared between the workers (accepts take
+    turns, see `service.serving`).
 
     Only when the CPUs are this server's to share out: one worker per CPU of this process's affinity mask, no
     container quota below it (a quota-limited container's CPUs are shared with others), and one torch thread per
