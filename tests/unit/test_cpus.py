@@ -160,10 +160,10 @@ def test_no_worker_is_pinned_unless_the_cpus_are_the_server_s_to_share_out(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mask: set[int], usable: int, workers: int, cpus_per_worker: int
 ) -> None:
     pinned: list[set[int]] = []
-    monkeypatch.setattr(cpus, "_claimed", [])  # as in a fresh worker (the control below pins with the same setup)
+    monkeypatch.setattr(cpus, "_claimed", [])  # as in a fresh worker (the control case below pins from the same)
     monkeypatch.setattr(cpus, "_unpinned", set())
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(mask), raising=False)
-    monkeypatch.setattr(os, "sched_setaffinity", lambda _, cpus: pinned.append(set(cpus)), raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda _, chosen: pinned.append(set(chosen)), raising=False)
     monkeypatch.setattr(cpus, "usable_cpus", lambda: usable)
     assert cpus.pin_worker(tmp_path, workers, cpus_per_worker) is None
     assert pinned == [] and list(tmp_path.iterdir()) == []  # nothing set, nothing claimed
@@ -172,10 +172,10 @@ def test_no_worker_is_pinned_unless_the_cpus_are_the_server_s_to_share_out(
 
 
 def test_the_control_case_pins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Each of the table's cases breaks one condition that this one meets: here a CPU is claimed."""
+    """Every condition met (each case of the table above breaks at least one): a CPU is claimed, the lowest."""
     pinned: list[set[int]] = []
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {2, 3}, raising=False)
-    monkeypatch.setattr(os, "sched_setaffinity", lambda _, cpus: pinned.append(set(cpus)), raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda _, chosen: pinned.append(set(chosen)), raising=False)
     monkeypatch.setattr(cpus, "usable_cpus", lambda: 2)
     monkeypatch.setattr(cpus, "_claimed", [])
     monkeypatch.setattr(cpus, "_unpinned", set())
