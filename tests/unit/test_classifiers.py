@@ -137,6 +137,32 @@ def test_the_serving_head_is_the_module_s_head_bit_for_bit(size: int, layout: to
         assert not torch.equal(module.out(module.fc(features.flatten(1))), expected)  # the ReLU matters here
 
 
+_LEVELS = torch.arange(256, dtype=torch.float32).div(255).reshape(4, 1, 8, 8)  # every 8-bit level a PNG can give
+_RANDOM = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        pytest.param(_LEVELS, id="every 8-bit level"),
+        pytest.param(_RANDOM, id="random"),
+        pytest.param(_RANDOM.contiguous(memory_format=torch.channels_last), id="channels-last"),
+        pytest.param(_RANDOM[:, :, ::2, 1::3], id="strided view"),
+        pytest.param(_RANDOM.double(), id="float64 (torch's own path)"),
+        pytest.param(_RANDOM.clone().requires_grad_(), id="requires grad (torch's own path)"),
+    ],
+)
+def test_the_serving_normalisation_is_the_net_s_bit_for_bit(batch: torch.Tensor) -> None:
+    """The CPU serving path standardises a batch in numpy: the values `nets.normalize` gives, to the bit, in the
+    input's dtype and shape; the input is left as it was."""
+    before = batch.detach().clone()
+    got = classifiers._normalize(batch)
+    expected = nets.normalize(batch)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got.detach(), expected.detach())
+    assert torch.equal(batch.detach(), before)
+
+
 def test_a_resize_to_the_same_size_is_a_copy_in_pillow() -> None:
     """`preprocess_mnist` skips the resize when the ink is already 20 px on its long side, because Pillow's resize
     to the image's own size returns its pixels unchanged, with either filter: if a Pillow release changed that,
