@@ -4,10 +4,11 @@
 
 Every server starts on 127.0.0.1 (one process, or the workers its row names) and waits while wrk (Debian's `wrk`,
 installed with apt-get) loads each in turn, round after round, with a multipart upload of a 28x28 PNG digit:
-16 connections for throughput, 1 for latency. Baselines: the
-framework floor (a bare FastAPI endpoint that parses the same upload and returns a constant) and a
-tutorial-style FastAPI app serving the same shipped CNN. For /v1/featuremaps, the time the service adds on top
-of the work itself (decode + pipeline + encode, timed in-process in the same run) is reported as a ratio.
+16 connections for throughput, 1 for latency. Baselines: the framework floor (a bare FastAPI endpoint that
+parses the same upload and returns a constant), a tutorial-style FastAPI app serving the same shipped CNN, and,
+for one client, a bound: the floor's endpoint plus this service's own work for the upload, inline on the event
+loop (bench/apps/bound.py). For /v1/featuremaps, the time the service adds on top of the work itself (decode +
+pipeline + encode, timed in-process in the same run) is reported as a ratio.
 """
 
 from __future__ import annotations
@@ -223,6 +224,13 @@ def predict_scenarios(args: argparse.Namespace) -> None:
             "/predict",
             "/docs",
             {"OMP_NUM_THREADS": "1"},
+        ),
+        (
+            "bound: the floor + this service's work, inline on its loop",
+            uvicorn("bench.apps.bound:app"),
+            "/predict",
+            "/docs",
+            {},
         ),
         ("this service: /v1/predict (cnn), defaults", SERVICE, "/v1/predict", "/readyz", queue),
         (
