@@ -1,12 +1,16 @@
 """Compute threads run torch with the thread count they were set up with: OpenMP keeps the count per thread, so a
 compute thread that never set it runs oneDNN's convolutions on a team of one thread per core, which the
-service's thread budget (service.cpus) does not count."""
+service's thread budget (service.cpus) does not count. The work's outcome reaches its caller and frees its slot,
+and is dropped quietly when nobody is left to take it. (Queueing and refusals: tests/api/test_robustness.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,3 +56,45 @@ def test_a_compute_thread_set_up_with_one_torch_thread_starts_no_openmp_team() -
 def test_the_control_a_compute_thread_not_set_up_starts_a_team() -> None:
     """Without the set-up, the same pass leaves OpenMP's worker threads behind: what the first test rules out."""
     assert threads_made_by_a_forward_pass(None) >= 1
+
+
+@pytest.mark.parametrize(
+    ("work", "expected"),
+    [
+        pytest.param(lambda: 42, 42, id="a result"),
+        pytest.param(lambda: 1 // 0, ZeroDivisionError, id="the work's own exception"),
+    ],
+)
+def test_the_work_s_outcome_reaches_its_caller_and_frees_the_slot(work: Callable[[], int], expected: object) -> None:
+    async def scenario() -> None:
+        admission = Admission(1, 0, 1)
+        try:
+            if isinstance(expected, type):
+                with pytest.raises(expected):
+                    await admission.run(work)
+            else:
+                assert await admission.run(work) == expected
+            assert admission.active == 0
+            assert await admission.run(lambda: "next") == "next"  # the one slot is free again
+        finally:
+            admission.close()
+
+    asyncio.run(scenario())
+
+
+def test_work_that_ends_after_its_event_loop_closed_is_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that stops while a compute thread still works (its client gone, the loop closed) gets no error
+    from the hand-back: there is nobody left to hand the outcome to."""
+    gate = threading.Event()
+    admission = Admission(1, 0, 10)
+
+    async def scenario() -> None:
+        request = asyncio.create_task(admission.run(gate.wait, 10))
+        await asyncio.sleep(0.05)  # the work is running
+        request.cancel()
+
+    asyncio.run(scenario())  # the loop closes while the work still runs
+    with caplog.at_level(logging.DEBUG):
+        gate.set()
+        admission.close()  # waits for the work, whose hand-back finds the loop closed
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
