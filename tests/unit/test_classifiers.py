@@ -349,3 +349,28 @@ def test_the_background_median_equals_numpys(size: int, low: int) -> None:
     for _ in range(20):
         levels = rng.integers(low, 256, size, dtype=np.uint8)
         assert classifiers._median_level(levels) == float(np.median(levels))
+
+
+@pytest.mark.parametrize(
+    "levels",
+    [
+        pytest.param(np.array([7], np.uint8), id="one value"),
+        pytest.param(np.array([0, 255], np.uint8), id="two: the mean of the middle pair"),
+        pytest.param(np.array([3, 1, 2], np.uint8), id="odd count"),
+        pytest.param(np.random.default_rng(0).integers(0, 256, 4096).astype(np.uint8), id="the most sorted"),
+        pytest.param(np.random.default_rng(1).integers(0, 256, 4097).astype(np.uint8), id="the fewest counted"),
+        pytest.param(np.random.default_rng(2).integers(250, 256, 50_001).astype(np.uint8), id="many, odd count"),
+        pytest.param(np.r_[np.zeros(5000, np.uint8), np.full(5000, 201, np.uint8)], id="many, a split middle"),
+    ],
+)
+def test_the_border_s_median_level_is_numpy_s_median(levels: np.ndarray) -> None:
+    """The background level is the border's median, taken by a sort for a small image's border and from a
+    histogram for a large one: both are numpy's median."""
+    assert classifiers._median_level(levels) == np.median(levels)
+
+
+def test_index_grids_are_numpy_s_and_read_only() -> None:
+    grids = classifiers._index_grids((20, 13))
+    assert np.array_equal(grids, np.indices((20, 13))) and classifiers._index_grids((20, 13)) is grids
+    with pytest.raises(ValueError, match="read-only"):
+        grids[0, 0, 0] = 1  # shared by every digit of this shape: nobody may change it
