@@ -34,7 +34,7 @@ max_pixels = Settings().max_image_pixels
 def predict_inline(data: bytes) -> PredictResponse:
     digit = classifiers.prepare_digit(data, options.preprocess, max_pixels, ("image",))
     [prediction] = cnn.predict([digit], cpu)
-    return PredictResponse(model="cnn", device="cpu", **render.digit_prediction(prediction, options).model_dump())
+    return render.digit_prediction(prediction, options, PredictResponse, model="cnn", device="cpu")
 
 
 @app.post("/predict")

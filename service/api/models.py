@@ -24,6 +24,7 @@ from service.deadline import Deadline
 from service.devices import resolve_device
 from service.schemas import (
     MODEL_PATTERN,
+    DigitPrediction,
     ModelCard,
     ModelFeaturemapsResponse,
     ModelFeaturemapsSpec,
@@ -102,6 +103,8 @@ def _model_featuremaps(
     options = PredictOptions(model=classifier.name, top_k=3, include_input=True)
     return render.json_response(
         ModelFeaturemapsResponse.model_construct(
-            **body.__dict__, model=classifier.name, prediction=render.digit_prediction(prediction, options)
+            **body.__dict__,
+            model=classifier.name,
+            prediction=render.digit_prediction(prediction, options, DigitPrediction),
         )
     )

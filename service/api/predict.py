@@ -14,7 +14,7 @@ from service.api.deps import ApiKeyDep, PredictPayload, PredictPayloadDep, Runti
 from service.api.docs import image_request_body, problem_responses
 from service.config import Settings
 from service.devices import resolve_device
-from service.schemas import ONE_PIXELS, BatchPredictResponse, PredictOptions, PredictResponse
+from service.schemas import ONE_PIXELS, BatchPredictResponse, DigitPrediction, PredictOptions, PredictResponse
 
 _ERRORS = problem_responses(400, 401, 408, 413, 415, 422, 503, 504)
 router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[ApiKeyDep], responses=_ERRORS)
@@ -64,13 +64,13 @@ def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:
             prepared.append(e)
     digits = [d for d in prepared if not isinstance(d, Exception)]
     predictions = iter(classifier.predict(digits, device) if digits else [])
+    where = {"model": classifier.name, "device": str(device)}
     results: list[PredictResponse | Exception] = []
     for (payload, _, _), item in zip(jobs, prepared, strict=True):
         if isinstance(item, Exception):
             results.append(item)
             continue
-        answer = render.digit_prediction(next(predictions), payload.options)
-        results.append(PredictResponse(model=classifier.name, device=str(device), **answer.model_dump()))
+        results.append(render.digit_prediction(next(predictions), payload.options, PredictResponse, **where))
     return results
 
 
@@ -84,10 +84,11 @@ def _predict(
         classifiers.prepare_digit(value, options.preprocess, settings.max_image_pixels, loc)
         for loc, value in payload.inputs
     ]
-    predictions = [render.digit_prediction(p, options) for p in classifier.predict(digits, device)]
+    predictions = classifier.predict(digits, device)
     if payload.batch:
-        return BatchPredictResponse(model=classifier.name, device=str(device), predictions=predictions)
-    return PredictResponse(model=classifier.name, device=str(device), **predictions[0].model_dump())
+        answers = [render.digit_prediction(p, options, DigitPrediction) for p in predictions]
+        return BatchPredictResponse(model=classifier.name, device=str(device), predictions=answers)
+    return render.digit_prediction(predictions[0], options, PredictResponse, model=classifier.name, device=str(device))
 
 
 for _router, _name in ((router, "predict_digit"), (unversioned, "predict_digit_unversioned")):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -129,14 +129,25 @@ class SlicedResponse(Response):
             await send({"type": "http.response.body", "body": body[start:end], "more_body": end < size})
 
 
-def digit_prediction(prediction: Prediction, options: PredictOptions) -> DigitPrediction:
+Answer = TypeVar("Answer", bound=DigitPrediction)
+
+
+def digit_prediction(
+    prediction: Prediction,
+    options: PredictOptions,
+    schema: type[Answer],
+    **fields: str,
+) -> Answer:
+    """One digit's answer as `schema`: a `DigitPrediction`, or a `PredictResponse` with its `model` and `device` in
+    `fields`, built and validated once (not built as the one, dumped and validated again as the other)."""
     p = prediction.probabilities
     digit = prediction.preprocessed
     image = None
     if options.include_input:
         pixels = np.rint(digit.pixels * 255).astype(np.uint8)
         image = base64.b64encode(imaging.encode_png(pixels)).decode("ascii")
-    return DigitPrediction(
+    return schema(
+        **fields,
         label=prediction.label,
         confidence=float(p[prediction.label]),
         probabilities=[float(v) for v in p],
