@@ -136,7 +136,7 @@ def uvicorn(app: str, workers: int = 1) -> list[str]:
     worker take a whole burst of new connections (see service/serving.py): the baselines get the same fixes."""
     cmd = [sys.executable, "-m", "uvicorn", app, "--port", "{port}", "--log-level", "warning", "--no-access-log"]
     if workers > 1:
-        cmd += ["--workers", str(workers), "--http", "service.serving:H11NoDelayProtocol"]
+        cmd += ["--workers", str(workers), "--http", "service.serving:HttpToolsNoDelayProtocol"]
         cmd += ["--loop", "service.serving:FairAcceptEventLoop"]
     return cmd
 

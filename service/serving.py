@@ -1,4 +1,9 @@
-"""uvicorn's HTTP/1.1 protocol (h11), with TCP_NODELAY set on every connection.
+"""uvicorn's HTTP/1.1 protocol on httptools (llhttp, in C), with TCP_NODELAY set on every connection and the
+request's head (request line and headers) bounded as h11 bounds it.
+
+httptools rather than h11 (pure Python): a lone client's prediction took 1.72 against 1.89 ms p50 (8 alternated
+rounds, faster in each). h11 refuses a head over its `max_incomplete_event_size`; httptools has no such limit and
+keeps a header's value until its end, so this protocol counts the head itself (`MAX_HEAD_BYTES`).
 
 asyncio turns Nagle's algorithm off only for sockets whose `proto` is IPPROTO_TCP. With `--workers` above 1,
 uvicorn binds the listening socket itself as `socket(AF_INET, SOCK_STREAM)` (proto 0), so the connections its
@@ -12,15 +17,61 @@ import asyncio
 import socket
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers larger than this are refused (400)
 
 
-class H11NoDelayProtocol(H11Protocol):
+class HeadTooLargeError(Exception):
+    """A request's head is over `MAX_HEAD_BYTES`; raised in a parser callback, where httptools turns it into a
+    parse error."""
+
+
+class HttpToolsNoDelayProtocol(HttpToolsProtocol):
+    """Nagle off; a head over `MAX_HEAD_BYTES` gets 400 and the connection closes. The head is measured twice:
+    exactly once it is complete (request line and header lines, less optional whitespace), and, while it is
+    still arriving, as the reads that left it incomplete, so that an endless header is cut off after about that
+    many bytes instead of growing in the parser. A read in which a request ends does not count towards the next
+    one's head (a client that pipelines may send both in one read): its head is then measured once complete."""
+
+    _head_bytes = 0  # bytes of the reads that have left the current head incomplete
+    _in_head = True  # from a request's first byte (or the connection's) to its headers' end
+    _ended = 0  # requests whose message has ended on this connection
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        ended = self._ended
+        super().data_received(data)
+        if ended != self._ended or not self._in_head or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self.logger.warning("A request's head did not end within %d bytes.", MAX_HEAD_BYTES)
+            self.send_400_response(f"The request line and headers are over {MAX_HEAD_BYTES} bytes.")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        request_line = len(self.parser.get_method()) + 1 + len(self.url) + len(" HTTP/1.1\r\n")
+        size = request_line + sum(len(name) + len(value) + len(": \r\n") for name, value in self.headers) + 2
+        if size > MAX_HEAD_BYTES:  # httptools makes this a parse error, which uvicorn answers with 400
+            raise HeadTooLargeError(f"the request line and headers are {size} bytes, over {MAX_HEAD_BYTES}")
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._ended += 1
+        self._in_head = True  # the next bytes on this connection begin the next request
+        self._head_bytes = 0
 
 
 class FairAcceptEventLoop(asyncio.SelectorEventLoop):

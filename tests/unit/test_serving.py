@@ -1,33 +1,64 @@
-"""How `python -m service` serves connections: its h11 protocol turns Nagle off on every connection, even on a
-listening socket bound the way uvicorn binds it for several workers (proto 0, where asyncio leaves Nagle on);
-its event loop takes one waiting connection per wake-up, so that workers sharing the socket take turns."""
+"""How `python -m service` serves connections: its httptools protocol turns Nagle off on every connection, even on
+a listening socket bound the way uvicorn binds it for several workers (proto 0, where asyncio leaves Nagle on),
+and refuses a request line and headers over 16 KiB, as h11 did; its event loop takes one waiting connection per
+wake-up, so that workers sharing the socket take turns."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx2 as httpx
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import memory
-from service.serving import FairAcceptEventLoop, H11NoDelayProtocol
+from service.serving import MAX_HEAD_BYTES, FairAcceptEventLoop, HttpToolsNoDelayProtocol
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Reads the whole body and answers its length."""
     assert scope["type"] == "http"
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+    await send({"type": "http.response.body", "body": b"ok %d" % size})
 
 
-def nodelay_seen(protocol: type[H11Protocol]) -> list[int]:
+@contextlib.contextmanager
+def serving(protocol: type[HttpToolsProtocol]) -> Iterator[int]:
+    """A uvicorn server in a thread on a listening socket bound as uvicorn binds it for several workers; its port."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn's Config.bind_socket does
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    assert listener.proto == 0
+    server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        yield listener.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        listener.close()
+
+
+def nodelay_seen(protocol: type[HttpToolsProtocol]) -> list[int]:
     seen: list[int] = []
 
     class Recording(protocol):  # type: ignore[valid-type,misc]
@@ -36,33 +67,82 @@ def nodelay_seen(protocol: type[H11Protocol]) -> list[int]:
             sock = transport.get_extra_info("socket")
             seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn's Config.bind_socket does
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    assert listener.proto == 0
-    server = uvicorn.Server(uvicorn.Config(app, http=Recording, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-            for _ in range(3):  # one keep-alive connection
-                assert client.get("/").text == "ok"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        listener.close()
+    with serving(Recording) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        for _ in range(3):  # one keep-alive connection
+            assert client.get("/").text == "ok 0"
     return seen
 
 
-@pytest.mark.parametrize(("protocol", "expected"), [(H11NoDelayProtocol, [1]), (H11Protocol, [0])])
-def test_connections_have_nagle_off(protocol: type[H11Protocol], expected: list[int]) -> None:
+@pytest.mark.parametrize(("protocol", "expected"), [(HttpToolsNoDelayProtocol, [1]), (HttpToolsProtocol, [0])])
+def test_connections_have_nagle_off(protocol: type[HttpToolsProtocol], expected: list[int]) -> None:
     """The plain protocol is the control: it shows the socket this test builds does reproduce the problem."""
     assert [int(bool(v)) for v in nodelay_seen(protocol)] == expected
+
+
+def head(header_bytes: int, body: bytes = b"") -> bytes:
+    """A POST whose head (request line, a padding header of `header_bytes` bytes, Content-Length) is sent whole."""
+    return (
+        b"POST /x HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * header_bytes + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+
+
+def exchange(port: int, *writes: bytes, pause: float = 0.0) -> bytes:
+    """Sends `writes` on one connection (`pause` seconds apart), then reads until the server closes it or stops
+    answering for a second."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        for data in writes:
+            try:
+                conn.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):  # the server refused and closed: read its answer
+                break
+            time.sleep(pause)
+        conn.settimeout(1)
+        answer = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := conn.recv(65536):
+                answer += chunk
+        return answer
+
+
+def statuses(answer: bytes) -> list[int]:
+    return [int(line.split()[1]) for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+
+
+@pytest.mark.parametrize(
+    ("writes", "expected"),
+    [
+        pytest.param([head(MAX_HEAD_BYTES - 200)], [200], id="a head just within the limit"),
+        pytest.param([head(MAX_HEAD_BYTES)], [400], id="a head just over it, in one read"),
+        pytest.param([head(MAX_HEAD_BYTES)[:9000], head(MAX_HEAD_BYTES)[9000:]], [400], id="over it, in two reads"),
+        pytest.param(
+            [b"GET /" + b"a" * (MAX_HEAD_BYTES + 100) + b" HTTP/1.1\r\nHost: t\r\n\r\n"], [400], id="a long URL"
+        ),
+        pytest.param(
+            [head(100, b"b" * 600_000), head(100, b"c" * 70_000)], [200, 200], id="large bodies, then another request"
+        ),
+        pytest.param([head(100, b"b" * 1000) + head(100, b"c" * 70_000)], [200, 200], id="two requests in one write"),
+    ],
+)
+def test_a_request_line_and_headers_over_16_kib_are_refused(writes: list[bytes], expected: list[int]) -> None:
+    """As h11's `max_incomplete_event_size` did; bodies, however large, do not count towards the next head."""
+    with serving(HttpToolsNoDelayProtocol) as port:
+        assert statuses(exchange(port, *writes, pause=0.05)) == expected
+
+
+def test_the_control_plain_httptools_takes_any_head() -> None:
+    """uvicorn's own httptools protocol answers the over-limit head: the limit above is this service's."""
+    with serving(HttpToolsProtocol) as port:
+        assert statuses(exchange(port, head(MAX_HEAD_BYTES))) == [200]
+
+
+def test_an_endless_header_is_cut_off_near_the_limit() -> None:
+    """A header that never ends, sent in 4 KiB pieces: refused once about 16 KiB of it has come, while the client
+    is still sending, and the connection closed; it never reaches the parser's memory whole."""
+    piece = b"a" * 4096
+    with serving(HttpToolsNoDelayProtocol) as port:
+        answer = exchange(port, b"GET / HTTP/1.1\r\nHost: t\r\nX-Endless: ", *[piece] * 256, pause=0.01)
+    assert statuses(answer) == [400] and b"over 16384 bytes" in answer
 
 
 def accept_queue_length(listener: socket.socket) -> int:
@@ -143,7 +223,7 @@ def test_python_m_service_serves_with_this_protocol_and_loop(monkeypatch: pytest
         monkeypatch.delenv("WEB_CONCURRENCY")  # as from a clean environment each time
         assert os.environ["GLIBC_TUNABLES"] == memory.GLIBC_TUNABLES  # what the workers start with
     assert [(k["workers"], k["http"], k["loop"]) for k in seen] == [
-        (n, H11NoDelayProtocol, "service.serving:FairAcceptEventLoop") for n in (1, 2)
+        (n, HttpToolsNoDelayProtocol, "service.serving:FairAcceptEventLoop") for n in (1, 2)
     ]
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # an operator's own choice stands
     entry.main(["--workers", "2"])
