@@ -39,7 +39,7 @@ def faults():
 
 def requests(out):
     torch.set_num_threads(1)
-    for i in range(7):
+    for i in range(9):
         before = faults()
         _featuremaps(payload, Settings(), False)
         if i >= 2:
@@ -51,7 +51,7 @@ worker.start()
 worker.join()
 print(*out)
 """
-BETWEEN = 5000  # page faults a request, on average: tuned below, untuned above
+BETWEEN = 5000  # page faults a typical request: tuned below, untuned above
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator, on Linux")
@@ -59,14 +59,15 @@ BETWEEN = 5000  # page faults a request, on average: tuned below, untuned above
 def test_a_request_reuses_the_memory_the_last_one_freed(mode: str) -> None:
     """Measured over requests 3 to 7, with 16 hash seeds in two virtual environments: tuned (by mallopt, or by the
     GLIBC_TUNABLES that `python -m service` gives its workers), most requests take under 20 faults, and a few up to
-    about 4,900 where the heap grows past a fragment: at most about 1,300 a request on average; untuned, 22,000 to
-    36,000 every request (each fault is a trip through the hypervisor on a VM). The average is what is tested: a
-    single request's count depended on the hash seed and the environment (CI once saw 2,943 on the third)."""
+    about 4,900 where the heap grows past a fragment; untuned, 22,000 to 36,000 every request (each fault is a trip
+    through the hypervisor on a VM). The median of requests 3 to 9 is what is tested, the typical request: a single
+    request's count depends on the hash seed and the environment (CI saw 2,943 on the third, and once 37,183, with
+    under 520 on each of the four after it, which failed the mean this test used to take)."""
     env = {**os.environ, "GLIBC_TUNABLES": memory.GLIBC_TUNABLES} if mode == "environment" else None
     cmd = [sys.executable, "-c", SCRIPT, mode]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     counts = [int(n) for n in run.stdout.split()]
-    assert len(counts) == 5
-    mean = sum(counts) / len(counts)
-    assert (mean < BETWEEN) if mode != "default" else (mean > 2 * BETWEEN), counts
+    assert len(counts) == 7
+    typical = sorted(counts)[len(counts) // 2]
+    assert (typical < BETWEEN) if mode != "default" else (typical > 2 * BETWEEN), counts
