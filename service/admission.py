@@ -50,7 +50,7 @@ class Admission:
         return await outcome
 
     def _hand_back(self, loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[T], work: Future[T]) -> None:
-        try:  # on the compute thread (or on this one, when the work was cancelled before it began)
+        try:  # on the compute thread (or on the loop's, when the work ended before this callback was added)
             loop.call_soon_threadsafe(self._settle, outcome, work)
         except RuntimeError:  # the loop has closed: nobody is waiting any more
             pass
