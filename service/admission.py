@@ -61,7 +61,9 @@ class Admission:
             return
         if work.cancelled():
             outcome.cancel()
-        elif (error := work.exception()) is not None:
+        elif isinstance(error := work.exception(), StopIteration):  # asyncio refuses to carry it: a bug, as any
+            outcome.set_exception(RuntimeError(f"the work raised StopIteration({error})"))
+        elif error is not None:
             outcome.set_exception(error)
         else:
             outcome.set_result(work.result())

@@ -29,14 +29,18 @@ class HeadTooLargeError(Exception):
 
 class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     """Nagle off; a head over `MAX_HEAD_BYTES` gets 400 and the connection closes. The head is measured twice:
-    exactly once it is complete (request line and header lines, less optional whitespace), and, while it is
-    still arriving, as the reads that left it incomplete, so that an endless header is cut off after about that
-    many bytes instead of growing in the parser. A read in which a request ends does not count towards the next
-    one's head (a client that pipelines may send both in one read): its head is then measured once complete."""
+    exactly once it is complete (request line and header lines, give or take a byte a header: the space after
+    the colon is optional), and, while it is still arriving, as the run of reads that brought none of its end, no
+    body byte and no request's end, so that an endless header is cut off after about that many bytes instead of
+    growing in the parser. A chunked body's trailer (header lines after its last chunk, which uvicorn adds to the
+    request's headers) counts with the head, both ways. A read with any of those events starts the count again without
+    counting itself, so a read that ends one request and begins the next (a client that pipelines) leaves that
+    head to the exact measure: memory stays within `MAX_HEAD_BYTES` and one read (at most 256 KiB)."""
 
-    _head_bytes = 0  # bytes of the reads that have left the current head incomplete
-    _in_head = True  # from a request's first byte (or the connection's) to its headers' end
-    _ended = 0  # requests whose message has ended on this connection
+    _run_bytes = 0  # bytes of the latest reads that brought no head's end, no body byte and no request's end
+    _events = 0  # heads ended, body pieces and requests ended on this connection
+    _head_size = 0  # the current request's head, as measured once complete, and then its trailer's lines
+    _trailing = False  # the current request's headers have ended: any more header lines are its trailer's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         sock = transport.get_extra_info("socket")
@@ -45,33 +49,46 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        ended = self._ended
+        events = self._events
         super().data_received(data)
-        if ended != self._ended or not self._in_head or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            self.logger.warning("A request's head did not end within %d bytes.", MAX_HEAD_BYTES)
+        if events != self._events:
+            self._run_bytes = 0
+            return
+        self._run_bytes += len(data)
+        if self._run_bytes > MAX_HEAD_BYTES:
+            self.logger.warning("A request's headers did not end within %d bytes.", MAX_HEAD_BYTES)
             self.send_400_response(f"The request line and headers are over {MAX_HEAD_BYTES} bytes.")
 
     def on_message_begin(self) -> None:
+        self._trailing = False
         super().on_message_begin()
-        self._in_head = True
-        self._head_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailing:  # a chunked body's trailer: uvicorn adds its lines to the request's headers
+            self._head_size += len(name) + len(value) + len(": \r\n")
+            if self._head_size > MAX_HEAD_BYTES:
+                raise HeadTooLargeError(f"the headers and trailer are over {MAX_HEAD_BYTES} bytes")
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._events += 1
+        self._trailing = True
         request_line = len(self.parser.get_method()) + 1 + len(self.url) + len(" HTTP/1.1\r\n")
         size = request_line + sum(len(name) + len(value) + len(": \r\n") for name, value in self.headers) + 2
+        self._head_size = size
         if size > MAX_HEAD_BYTES:  # httptools makes this a parse error, which uvicorn answers with 400
             raise HeadTooLargeError(f"the request line and headers are {size} bytes, over {MAX_HEAD_BYTES}")
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        self._events += 1
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self._events += 1
         super().on_message_complete()
-        self._ended += 1
-        self._in_head = True  # the next bytes on this connection begin the next request
-        self._head_bytes = 0
 
 
 class FairAcceptEventLoop(asyncio.SelectorEventLoop):

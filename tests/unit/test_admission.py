@@ -63,6 +63,7 @@ def test_the_control_a_compute_thread_not_set_up_starts_a_team() -> None:
     [
         pytest.param(lambda: 42, 42, id="a result"),
         pytest.param(lambda: 1 // 0, ZeroDivisionError, id="the work's own exception"),
+        pytest.param(lambda: next(iter([])), RuntimeError, id="StopIteration, which asyncio cannot carry"),
     ],
 )
 def test_the_work_s_outcome_reaches_its_caller_and_frees_the_slot(work: Callable[[], int], expected: object) -> None:

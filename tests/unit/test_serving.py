@@ -87,6 +87,9 @@ def head(header_bytes: int, body: bytes = b"") -> bytes:
     )
 
 
+CHUNKED = b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 def exchange(port: int, *writes: bytes, pause: float = 0.0) -> bytes:
     """Sends `writes` on one connection (`pause` seconds apart), then reads until the server closes it or stops
     answering for a second."""
@@ -122,6 +125,19 @@ def statuses(answer: bytes) -> list[int]:
             [head(100, b"b" * 600_000), head(100, b"c" * 70_000)], [200, 200], id="large bodies, then another request"
         ),
         pytest.param([head(100, b"b" * 1000) + head(100, b"c" * 70_000)], [200, 200], id="two requests in one write"),
+        pytest.param(
+            [CHUNKED, *[b"400\r\n" + b"d" * 1024 + b"\r\n"] * 64, b"0\r\nX-Sum: 1\r\n\r\n", head(100)],
+            [200, 200],
+            id="a chunked body in 64 writes, a trailer, then another request",
+        ),
+        pytest.param(
+            [CHUNKED, *[b"1\r\n", b"e\r\n"] * 20, b"0\r\n\r\n"], [200], id="chunk sizes in writes of their own"
+        ),
+        pytest.param(
+            [CHUNKED + b"5\r\nhello\r\n0\r\nX-Sum: " + b"f" * MAX_HEAD_BYTES + b"\r\n\r\n"],
+            [400],
+            id="a trailer over it",
+        ),
     ],
 )
 def test_a_request_line_and_headers_over_16_kib_are_refused(writes: list[bytes], expected: list[int]) -> None:
@@ -136,12 +152,19 @@ def test_the_control_plain_httptools_takes_any_head() -> None:
         assert statuses(exchange(port, head(MAX_HEAD_BYTES))) == [200]
 
 
-def test_an_endless_header_is_cut_off_near_the_limit() -> None:
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nX-Endless: ", id="a header"),
+        pytest.param(CHUNKED + b"5\r\nhello\r\n0\r\nX-Endless: ", id="a chunked body's trailer"),
+    ],
+)
+def test_an_endless_header_is_cut_off_near_the_limit(start: bytes) -> None:
     """A header that never ends, sent in 4 KiB pieces: refused once about 16 KiB of it has come, while the client
     is still sending, and the connection closed; it never reaches the parser's memory whole."""
     piece = b"a" * 4096
     with serving(HttpToolsNoDelayProtocol) as port:
-        answer = exchange(port, b"GET / HTTP/1.1\r\nHost: t\r\nX-Endless: ", *[piece] * 256, pause=0.01)
+        answer = exchange(port, start, *[piece] * 256, pause=0.01)
     assert statuses(answer) == [400] and b"over 16384 bytes" in answer
 
 
