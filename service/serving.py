@@ -14,12 +14,14 @@ waited 44 ms for a 0.5 ms answer). Setting the option on each connection makes a
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-MAX_HEAD_BYTES = 16 * 1024  # a request line and headers larger than this are refused (400)
+_TOO_LARGE = "Request Header Fields Too Large"  # RFC 6585's 431
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers larger than this are refused (431)
 
 
 class HeadTooLargeError(Exception):
@@ -28,19 +30,21 @@ class HeadTooLargeError(Exception):
 
 
 class HttpToolsNoDelayProtocol(HttpToolsProtocol):
-    """Nagle off; a head over `MAX_HEAD_BYTES` gets 400 and the connection closes. The head is measured twice:
-    exactly once it is complete (request line and header lines, give or take a byte a header: the space after
-    the colon is optional), and, while it is still arriving, as the run of reads that brought none of its end, no
-    body byte and no request's end, so that an endless header is cut off after about that many bytes instead of
-    growing in the parser. A chunked body's trailer (header lines after its last chunk, which uvicorn adds to the
-    request's headers) counts with the head, both ways. A read with any of those events starts the count again without
-    counting itself, so a read that ends one request and begins the next (a client that pipelines) leaves that
-    head to the exact measure: memory stays within `MAX_HEAD_BYTES` and one read (at most 256 KiB)."""
+    """Nagle off; a head over `MAX_HEAD_BYTES` gets 431 (a problem+json body) and the connection closes, where h11
+    answered 400 in plain text. The head is measured twice: exactly once it is complete (request line and header
+    lines, give or take a byte a header: the space after the colon is optional), and, while it is still arriving,
+    as the run of reads that brought none of its end, no body byte and no request's end, so that an endless header
+    is cut off after about that many bytes instead of growing in the parser. A chunked body's trailer (header lines
+    after its last chunk, which uvicorn adds to the request's headers) counts with the head, both ways. A read
+    with any of those events starts the count again without counting itself, so a read that ends one request and
+    begins the next (a client that pipelines) leaves that head to the exact measure: memory stays within
+    `MAX_HEAD_BYTES` and one read (at most 256 KiB)."""
 
     _run_bytes = 0  # bytes of the latest reads that brought no head's end, no body byte and no request's end
     _events = 0  # heads ended, body pieces and requests ended on this connection
     _head_size = 0  # the current request's head, as measured once complete, and then its trailer's lines
     _trailing = False  # the current request's headers have ended: any more header lines are its trailer's
+    _too_large: str | None = None  # why this connection's request was refused, when its head was over the limit
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         sock = transport.get_extra_info("socket")
@@ -58,8 +62,21 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
             return
         self._run_bytes += len(data)
         if self._run_bytes > MAX_HEAD_BYTES:
-            self.logger.warning("A request's headers did not end within %d bytes.", MAX_HEAD_BYTES)
-            self.send_400_response(f"The request line and headers are over {MAX_HEAD_BYTES} bytes.")
+            self._too_large = f"the request line and headers did not end within {MAX_HEAD_BYTES} bytes"
+            self.send_400_response(self._too_large)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse; for a head over the limit, 431 as problem+json."""
+        if self._too_large is None:
+            super().send_400_response(msg)
+            return
+        self.logger.warning("Request refused: %s.", self._too_large)
+        body = json.dumps({"type": "about:blank", "title": _TOO_LARGE, "status": 431, "detail": self._too_large})
+        head = [b"HTTP/1.1 431 " + _TOO_LARGE.encode() + b"\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head.append(b"content-type: application/problem+json\r\ncontent-length: %d\r\n" % len(body))
+        self.transport.write(b"".join(head) + b"connection: close\r\n\r\n" + body.encode())
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         self._trailing = False
@@ -69,7 +86,8 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
         if self._trailing:  # a chunked body's trailer: uvicorn adds its lines to the request's headers
             self._head_size += len(name) + len(value) + len(": \r\n")
             if self._head_size > MAX_HEAD_BYTES:
-                raise HeadTooLargeError(f"the headers and trailer are over {MAX_HEAD_BYTES} bytes")
+                self._too_large = f"the request line, headers and trailer are over {MAX_HEAD_BYTES} bytes"
+                raise HeadTooLargeError(self._too_large)
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -78,8 +96,9 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
         request_line = len(self.parser.get_method()) + 1 + len(self.url) + len(" HTTP/1.1\r\n")
         size = request_line + sum(len(name) + len(value) + len(": \r\n") for name, value in self.headers) + 2
         self._head_size = size
-        if size > MAX_HEAD_BYTES:  # httptools makes this a parse error, which uvicorn answers with 400
-            raise HeadTooLargeError(f"the request line and headers are {size} bytes, over {MAX_HEAD_BYTES}")
+        if size > MAX_HEAD_BYTES:  # httptools makes this a parse error: uvicorn calls send_400_response
+            self._too_large = f"the request line and headers are {size} bytes, over {MAX_HEAD_BYTES} bytes"
+            raise HeadTooLargeError(self._too_large)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:

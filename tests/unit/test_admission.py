@@ -86,12 +86,18 @@ def test_the_work_s_outcome_reaches_its_caller_and_frees_the_slot(work: Callable
 def test_work_that_ends_after_its_event_loop_closed_is_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
     """A server that stops while a compute thread still works (its client gone, the loop closed) gets no error
     from the hand-back: there is nobody left to hand the outcome to."""
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
     admission = Admission(1, 0, 10)
 
+    def work() -> bool:
+        started.set()
+        return gate.wait(10)
+
     async def scenario() -> None:
-        request = asyncio.create_task(admission.run(gate.wait, 10))
-        await asyncio.sleep(0.05)  # the work is running
+        request = asyncio.create_task(admission.run(work))
+        while not (started.is_set() or request.done()):  # until the work runs on its thread
+            await asyncio.sleep(0)
+        assert started.is_set(), request
         request.cancel()
 
     asyncio.run(scenario())  # the loop closes while the work still runs
