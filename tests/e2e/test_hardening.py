@@ -254,8 +254,9 @@ def test_workers_take_turns_at_a_burst_of_new_connections(tmp_path: Path) -> Non
             time.sleep(0.05)
         assert sum(served_here.values()) == 16, served_here
         # Taking turns depends on each worker being scheduled when a connection arrives: on an idle machine the
-        # split was 7-9 each, on a busy one as uneven as 13 to 2; never none, as asyncio's own loop often gives.
-        assert len(served_here) == default_workers() and min(served_here.values()) >= 2, served_here
+        # split was 7-9 each, on a busy one as uneven as 13 to 2, and 15 to 1 once workers were pinned (a worker
+        # whose CPU runs this test's client waits for it); never none, as asyncio's own loop often gives.
+        assert len(served_here) == default_workers() and min(served_here.values()) >= 1, served_here
 
 
 def _answered_key(method: str, route: str) -> str:
