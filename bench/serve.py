@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,13 @@ def wrk(url: str, body: bytes, connections: int, seconds: float, content_type: s
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return Load(rps, ms("50"), ms("99"), int(errors.group(1)) if errors else 0)
+
+
+def in_turn(urls: list[str], round_: int, load: Callable[[str], Load]) -> list[Load]:
+    """`load` each url once, first to last in even rounds and last to first in odd ones; results in `urls`' order."""
+    order = range(len(urls)) if round_ % 2 == 0 else range(len(urls) - 1, -1, -1)
+    loads = {i: load(urls[i]) for i in order}
+    return [loads[i] for i in range(len(urls))]
 
 
 class Server:
@@ -186,7 +194,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--only", choices=["predict", "featuremaps"], help="run one half of the scenarios")
-    p.add_argument("--runs", type=int, default=3, help="16-client runs per server (the median is reported)")
+    p.add_argument("--runs", type=int, default=4, help="rounds, half in each order (the median is reported)")
     p.add_argument(
         "--repeats",
         type=int,
@@ -259,13 +267,16 @@ def predict_scenarios(args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
         # All the servers start first and wait, idle, while each in turn is loaded: every round loads each
         # once, so the machine's drift (tens of percent within minutes here) touches every row alike, and each
-        # round's ratios compare runs made seconds apart. Each run opens new connections.
+        # round's ratios compare runs made seconds apart. Each run opens new connections. Every other round
+        # goes through the servers in reverse: in a fixed order, of three identical servers the second was
+        # faster than the first in 7 rounds of 8 (by 3% in the median), and a drift within a round would
+        # favour one end of the table.
         servers = [stack.enter_context(Server(cmd, env, ready)) for _, cmd, _, ready, env in rows]
         urls = [server.url + path for server, (_, _, path, _, _) in zip(servers, rows, strict=True)]
         for url in urls:
             wrk(url, digit, 16, 2, CTYPE)  # warm-up
-        rounds = [[wrk(url, digit, 16, args.seconds, CTYPE) for url in urls] for _ in range(args.runs)]
-        ones = [[wrk(url, digit, 1, args.seconds, CTYPE) for url in urls] for _ in range(args.runs)]
+        rounds = [in_turn(urls, r, lambda url: wrk(url, digit, 16, args.seconds, CTYPE)) for r in range(args.runs)]
+        ones = [in_turn(urls, r, lambda url: wrk(url, digit, 1, args.seconds, CTYPE)) for r in range(args.runs)]
     print(
         f"\n/predict, multipart 28x28 PNG, {args.seconds:g} s per run, wrk on the same cores, {args.runs} rounds "
         "that each load every server in turn; 16 clients: the median req/s (and the range); vs floor: the median "
