@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.config
 import re
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from service import pipeline
+from service.__main__ import LOG_CONFIG
 from service.admission import Admission
 from service.config import Settings
 from service.errors import OverloadedError
@@ -62,6 +64,26 @@ def test_log_lines_are_json_whatever_the_extras_hold() -> None:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
         assert set(extra) <= set(line)
     assert json.loads(formatter.format(record))["s"] == "é\n"
+
+
+def test_the_service_log_config_skips_what_its_lines_never_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m service`'s logging.json: JSON lines, and logging no longer looks up each record's caller, thread
+    and process (time per access line), while a line keeps every field it had."""
+    monkeypatch.setattr(logging, "_srcfile", logging.addLevelName.__code__.co_filename)  # logging's defaults, whatever
+    for switch in ("logThreads", "logProcesses", "logMultiprocessing"):  # ran before; all put back after the test
+        monkeypatch.setattr(logging, switch, True)
+    monkeypatch.setattr(logging.root, "handlers", [])
+    config = json.loads(LOG_CONFIG.read_text())
+    logging.config.dictConfig({**config, "root": {"handlers": ["stderr"]}, "loggers": {}})  # no levels changed
+    formatter = logging.root.handlers[0].formatter
+    assert isinstance(formatter, JSONFormatter)
+    assert logging._srcfile is None and not (logging.logThreads or logging.logProcesses or logging.logMultiprocessing)
+    record = logging.getLogger("service.access").makeRecord(
+        "service.access", logging.INFO, "(unknown file)", 0, "hi %s", ("you",), None, extra={"status": 200}
+    )
+    assert record.threadName is None and record.processName is None
+    line = json.loads(formatter.format(record))
+    assert set(line) == {"time", "level", "logger", "message", "status"} and line["message"] == "hi you"
 
 
 def test_unexpected_errors_are_500_problems_without_internals(
