@@ -279,8 +279,9 @@ def predict_scenarios(args: argparse.Namespace) -> None:
         ones = [in_turn(urls, r, lambda url: wrk(url, digit, 1, args.seconds, CTYPE)) for r in range(args.runs)]
     print(
         f"\n/predict, multipart 28x28 PNG, {args.seconds:g} s per run, wrk on the same cores, {args.runs} rounds "
-        "that each load every server in turn (every other round in reverse); 16 clients: the median req/s (and the range); vs floor: the median "
-        "of each round's ratio to the 1-process floor in that round; 1 client: the median of the rounds' p50s"
+        "that each load every server in turn (every other round in reverse); 16 clients: the median req/s (and "
+        "the range); vs floor: the median of each round's ratio to the 1-process floor in that round; 1 client: the "
+        "median of the rounds' p50s"
     )
     print(
         f"{'server':<66}{'16 clients req/s':>17}{'range':>12}{'p50 ms':>8}{'p99 ms':>8}{'vs floor':>9}"
