@@ -10,6 +10,7 @@ import os
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -72,11 +73,16 @@ class Metrics:
 
     With several worker processes (`PROMETHEUS_MULTIPROC_DIR` set, as `python -m service` does for them) every
     worker writes its values to files there, and whichever worker answers /metrics reports all of them: counts
-    and histograms summed, gauges summed over the workers that have not stopped (a worker that stops marks
-    itself dead; one killed outright leaves its last gauge values in the sums until the server restarts)."""
+    and histograms summed, gauges summed over the workers that are still running. A worker that stops marks
+    itself dead; one killed outright (SIGKILL, the kernel's out-of-memory killer) cannot, so each worker, as it
+    starts, takes the gauges of workers that no longer exist out of the sums: uvicorn starts a new worker for
+    each that dies, so a killed worker's last in-flight and compute counts leave /metrics with its successor."""
 
     def __init__(self, admission: Admission) -> None:
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self.multiprocess = bool(path)
+        if path:
+            forget_dead_workers(Path(path))
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "featuremap_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
@@ -127,6 +133,26 @@ class Metrics:
             self._series[key] = series
         series[0].inc()
         series[1].observe(seconds)
+
+
+def forget_dead_workers(directory: Path) -> None:
+    """Remove the live gauges (prometheus_client's `gauge_live*_{pid}.db` files) of processes that no longer
+    exist, as `mark_process_dead` would have, had they stopped cleanly. Counts and histograms stay: they
+    happened. A pid that exists is kept, whoever's it is (a reused pid's stale gauges stay, as before)."""
+    for file in directory.glob("gauge_live*_*.db"):
+        pid = file.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            mark_process_dead(int(pid), str(directory))  # type: ignore[no-untyped-call]  # untyped upstream
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists and may be signalled
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 # Methods outside this set are counted as OTHER: a client cannot add label values (series) to /metrics at will.
