@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.classifiers import MODELS_DIR
@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEATUREMAP_", frozen=True, extra="ignore")
 
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest request body (413 above).")
+    max_body_bytes_in_flight: int = Field(
+        128 * 1024 * 1024,
+        ge=1,
+        description="Request body bytes one worker holds at once, over all its requests (503 above); at least "
+        "max_body_bytes.",
+    )
     max_image_pixels: int = Field(16_000_000, ge=1, description="Largest decoded image, width x height (413).")
     max_layers: int = Field(16, ge=1, description="Most stages in one pipeline.")
     max_filters_per_conv: int = Field(64, ge=1, description="Most filters in one conv stage.")
@@ -59,6 +65,15 @@ class Settings(BaseSettings):
         description="With one worker per CPU (and one torch thread each), run each worker on a CPU of its own.",
     )
     warmup: bool = Field(True, description="Run a small pipeline at start-up before /readyz turns 200.")
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> Settings:
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"FEATUREMAP_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}) is below "
+                f"FEATUREMAP_MAX_BODY_BYTES ({self.max_body_bytes}): a body of the allowed size could never be read"
+            )
+        return self
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -53,7 +53,7 @@ from service.errors import (
     format_loc,
 )
 from service.memory import tune_allocator
-from service.middleware import BodyLimitMiddleware
+from service.middleware import BodyBudget, BodyLimitMiddleware
 from service.observability import Metrics, RequestContextMiddleware
 from service.readiness import Readiness, warm_up
 from service.schemas import (
@@ -315,7 +315,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=_unique_id,
     )
     # Outermost last: request ids and metrics see everything, CORS answers preflights, the body guard is inner.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        budget=BodyBudget(settings.max_body_bytes_in_flight),
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

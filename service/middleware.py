@@ -1,4 +1,5 @@
-"""ASGI middleware: the request body's size and time limits, enforced while the body streams in."""
+"""ASGI middleware: the request body's size and time limits, enforced while the body streams in, and a bound on
+the body bytes a worker holds at once over all its requests."""
 
 from __future__ import annotations
 
@@ -7,19 +8,46 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import LimitExceededError, RequestTimeoutError
+from service.errors import LimitExceededError, OverloadedError, RequestTimeoutError
+
+
+class BodyBudget:
+    """The request body bytes a worker may hold at once, over all its requests: each body's size limit alone
+    lets 1,024 connections hold 1,024 bodies of that size (10 GiB at the defaults) and the worker be killed for
+    memory. Only the event loop takes and gives back, so plain ints suffice."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        """Count `size` more bytes as held; OverloadedError (503, retry shortly) when they would not fit."""
+        if self.held + size > self.limit:
+            raise OverloadedError(
+                f"this worker is receiving {self.held:,} bytes of request bodies, the most it holds at once is "
+                f"{self.limit:,}; retry shortly"
+            )
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
 
 
 class BodyLimitMiddleware:
     """Stops reading a body at `max_bytes`: a declared Content-Length over it fails before any byte is read,
     an undeclared (chunked) body fails as soon as the count passes it. The error surfaces where the route
     reads the body, so it becomes a 413 problem like any other `LimitExceededError`. A body that has not fully
-    arrived `timeout_s` after the first read is cut off with a 408 (slow clients cannot hold a worker)."""
+    arrived `timeout_s` after the first read is cut off with a 408 (slow clients cannot hold a worker).
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+    Every body is also counted against the worker's `budget` from its first read until its request ends: a
+    declared Content-Length at once, before any byte is read, an undeclared one as it arrives. A body that does
+    not fit gets a 503 problem with Retry-After (`OverloadedError`), and the bodies already held are unharmed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, budget: BodyBudget) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -28,15 +56,19 @@ class BodyLimitMiddleware:
         declared = _content_length(scope)
         limit = self.max_bytes
         received = 0
+        held = 0  # of the worker's budget, for this body
         deadline: float | None = None
         body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received, deadline, body_done
+            nonlocal received, held, deadline, body_done
             if body_done:  # later reads wait for a disconnect: no limits apply
                 return await receive()
             if declared is not None and declared > limit:
                 raise LimitExceededError(f"the request body is {declared:,} bytes; the limit is {limit:,}")
+            if declared is not None and not held and declared:
+                self.budget.take(declared)  # all of it, before any byte is read
+                held = declared
             now = time.monotonic()
             deadline = deadline or now + self.timeout_s
             try:
@@ -47,13 +79,20 @@ class BodyLimitMiddleware:
                     f"the request body did not arrive within {self.timeout_s:g} s ({received:,} bytes came)"
                 ) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                received += size
                 if received > limit:
                     raise LimitExceededError(f"the request body is over the limit of {limit:,} bytes")
+                if declared is None and size:
+                    self.budget.take(size)
+                    held += size
                 body_done = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.budget.give_back(held)  # the body may be held until the response has been sent
 
 
 def _content_length(scope: Scope) -> int | None:

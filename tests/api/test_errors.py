@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.middleware import BodyLimitMiddleware
 from tests.conftest import DOG, make_client
 
 URL = "/v1/featuremaps"
@@ -210,6 +211,25 @@ def test_body_over_the_limit_is_413(chunked: bool) -> None:
         r = small.post(URL, content=content, headers={"Content-Type": "application/json"})
         assert_problem(r, 413, "limit-exceeded", None, "50,000")
         assert small.post(URL, content=payload, headers={"Content-Type": "application/json"}).status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_past_the_workers_budget_is_a_503_problem_with_retry_after(chunked: bool) -> None:
+    """The worker already holds nearly all of FEATUREMAP_MAX_BODY_BYTES_IN_FLIGHT (other uploads in flight, set
+    here on the app's own budget): a body that does not fit gets the overloaded problem; one that does is served,
+    and either way the budget is back where it was once the request has ended."""
+    with make_client(max_body_bytes=50_000, max_body_bytes_in_flight=100_000) as client:
+        [budget] = [m.kwargs["budget"] for m in client.app.user_middleware if m.cls is BodyLimitMiddleware]
+        payload = json.dumps(spec_with()).encode()  # ~35 KB
+        content: Any = iter([payload[i : i + 8192] for i in range(0, len(payload), 8192)]) if chunked else payload
+        budget.held = 100_000 - 20_000
+        r = client.post(URL, content=content, headers={"Content-Type": "application/json"})
+        assert_problem(r, 503, "overloaded", None, "the most it holds at once is 100,000")
+        assert r.headers["retry-after"] == "1"
+        assert budget.held == 80_000
+        budget.held = 100_000 - len(payload)
+        assert client.post(URL, content=payload, headers={"Content-Type": "application/json"}).status_code == 200
+        assert budget.held == 100_000 - len(payload)
 
 
 def test_pixel_limit_is_413() -> None:

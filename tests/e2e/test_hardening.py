@@ -119,6 +119,38 @@ def test_an_endless_body_is_cut_off_at_the_limit_without_memory_growth(declared:
             assert client.get("/readyz").status_code == 200
 
 
+def test_uploads_past_the_workers_body_budget_get_503_until_the_bodies_in_flight_end() -> None:
+    """One client starts a 1 MB upload and stops sending: its worker holds the declared 1 MB from the first read.
+    Another's 0.8 MB then does not fit in the 1.5 MB budget (503, Retry-After); once the first client hangs up,
+    it does (a 422 here: the bytes are not JSON)."""
+    with served(max_body_bytes=str(1_000_000), max_body_bytes_in_flight=str(1_500_000)) as (url, _, log):
+        port = int(url.rsplit(":", 1)[1])
+        other = (
+            "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 800000\r\n\r\n"
+        )
+
+        def other_upload() -> bytes:
+            return raw_request(port, other, iter([b"x" * 800_000]), read_timeout=30)[0]
+
+        def until(status: bytes) -> bytes:
+            deadline = time.monotonic() + 15
+            while not (response := other_upload()).startswith(b"HTTP/1.1 " + status) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return response
+
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
+        try:
+            head = "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+            stalled.sendall(head.encode() + b"x" * 1000)
+            refused = until(b"503")
+            assert refused.startswith(b"HTTP/1.1 503"), (refused[:300], log.read_text()[-2000:])
+            assert b"application/problem+json" in refused and re.search(rb"(?i)\r\nretry-after: 1\r\n", refused)
+        finally:
+            stalled.close()
+        admitted = until(b"422")
+        assert admitted.startswith(b"HTTP/1.1 422"), (admitted[:300], log.read_text()[-2000:])
+
+
 @pytest.mark.parametrize("workers", ["1", None])
 def test_sigterm_turns_readiness_off_and_lets_the_request_in_flight_finish(workers: str | None) -> None:
     """One process, and the default launch (a worker per usable CPU): every worker drains."""
