@@ -66,7 +66,7 @@ class BodyLimitMiddleware:
                 return await receive()
             if declared is not None and declared > limit:
                 raise LimitExceededError(f"the request body is {declared:,} bytes; the limit is {limit:,}")
-            if declared is not None and not held and declared:
+            if declared and not held:
                 self.budget.take(declared)  # all of it, before any byte is read
                 held = declared
             now = time.monotonic()
