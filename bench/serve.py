@@ -103,6 +103,13 @@ def wrk(url: str, body: bytes, connections: int, seconds: float, content_type: s
     return Load(rps, ms("50"), ms("99"), int(errors.group(1)) if errors else 0)
 
 
+def ratios_to_first(rounds: list[list[Load]], row: int) -> tuple[float, float, float]:
+    """Each round's req/s of `row` over the first row's (the floor) in that same round: their median, lowest and
+    highest. The spread shows how far one invocation's median can be trusted on a machine that drifts."""
+    ratios = [r[row].rps / r[0].rps for r in rounds]
+    return float(np.median(ratios)), min(ratios), max(ratios)
+
+
 def in_turn(urls: list[str], round_: int, load: Callable[[str], Load]) -> list[Load]:
     """`load` each url once, first to last in even rounds and last to first in odd ones; results in `urls`' order."""
     order = range(len(urls)) if round_ % 2 == 0 else range(len(urls) - 1, -1, -1)
@@ -280,22 +287,22 @@ def predict_scenarios(args: argparse.Namespace) -> None:
     print(
         f"\n/predict, multipart 28x28 PNG, {args.seconds:g} s per run, wrk on the same cores, {args.runs} rounds "
         "that each load every server in turn (every other round in reverse); 16 clients: the median req/s (and "
-        "the range); vs floor: the median of each round's ratio to the 1-process floor in that round; 1 client: the "
-        "median of the rounds' p50s"
+        "the range); vs floor: the median of each round's ratio to the 1-process floor in that round (and the "
+        "lowest and highest round's); 1 client: the median of the rounds' p50s"
     )
     print(
         f"{'server':<66}{'16 clients req/s':>17}{'range':>12}{'p50 ms':>8}{'p99 ms':>8}{'vs floor':>9}"
-        f"{'1 client p50 ms':>17}{'non-2xx':>9}"
+        f"{'its range':>11}{'1 client p50 ms':>17}{'non-2xx':>9}"
     )
     for i, (name, *_) in enumerate(rows):
         runs = sorted((r[i] for r in rounds), key=lambda load: load.rps)
         many = runs[len(runs) // 2]
-        ratio = float(np.median([r[i].rps / r[0].rps for r in rounds]))
+        ratio, lowest, highest = ratios_to_first(rounds, i)
         one = float(np.median([o[i].p50_ms for o in ones]))
         errors = sum(r[i].errors for r in rounds) + sum(o[i].errors for o in ones)
         print(
             f"{name:<66}{many.rps:>17.0f}{f'{runs[0].rps:.0f}-{runs[-1].rps:.0f}':>12}{many.p50_ms:>8.2f}"
-            f"{many.p99_ms:>8.2f}{ratio:>9.2f}{one:>17.2f}{errors:>9}"
+            f"{many.p99_ms:>8.2f}{ratio:>9.2f}{f'{lowest:.2f}-{highest:.2f}':>11}{one:>17.2f}{errors:>9}"
         )
 
 
