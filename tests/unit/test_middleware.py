@@ -73,7 +73,8 @@ def test_bodies_past_the_workers_budget_get_503_and_their_bytes_come_back_when_r
 
         held: list[int] = []
         first = request()
-        await asyncio.sleep(0.01)
+        while not (outcomes or first.done()):  # until the first body has been read and its request waits on `hold`
+            await asyncio.sleep(0)
         held.append(budget.held)  # the first body, held while its request is open
         second = request()  # 6,000 more do not fit in 10,000
         await asyncio.wait_for(second, 10)  # a second body let in would wait on `hold` instead

@@ -1,7 +1,7 @@
 """How `python -m service` serves connections: its httptools protocol turns Nagle off on every connection, even on
 a listening socket bound the way uvicorn binds it for several workers (proto 0, where asyncio leaves Nagle on),
-and refuses a request line and headers over 16 KiB (431, problem+json), as h11 did (400); its event loop takes one waiting connection per
-wake-up, so that workers sharing the socket take turns."""
+and refuses a request line and headers over 16 KiB (431, problem+json), as h11 did (400); its event loop takes one
+waiting connection per wake-up, so that workers sharing the socket take turns."""
 
 from __future__ import annotations
 
