@@ -1,12 +1,14 @@
 """Admission control for compute: a dedicated pool of `limit` long-lived threads runs the torch work; at most
 `queue` requests wait for one, each for at most `wait_s`; beyond that a request is refused at once
-(backpressure, not collapse). Long-lived threads keep torch's per-thread state, and memory, bounded."""
+(backpressure, not collapse). Long-lived threads keep torch's per-thread state, and memory, bounded. And for
+memory: `ByteBudget` bounds the bytes a worker holds at once over all its requests (bodies, responses)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -100,3 +102,30 @@ class Admission:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+class ByteBudget:
+    """The bytes of one kind (request bodies, responses) a worker may hold at once, over all its requests: a
+    limit per request alone lets 1,024 connections hold 1,024 times that, and the worker be killed for memory.
+    `take` counts bytes as held, or refuses them with OverloadedError (503, retry shortly) when they would pass
+    `limit`; one item always fits while nothing else is held, so no request is refused for its size alone.
+    `give_back` may come from any thread (a response freed by the garbage collector), hence the lock."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what  # for the refusal: "request bodies being received"
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> None:
+        with self._lock:
+            if self.held and self.held + size > self.limit:
+                raise OverloadedError(
+                    f"this worker holds {self.held:,} bytes of {self.what}, the most it holds at once is "
+                    f"{self.limit:,}; {size:,} more would not fit; retry shortly"
+                )
+            self.held += size
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.held -= size

@@ -25,6 +25,18 @@ class Settings(BaseSettings):
         description="Request body bytes one worker holds at once, over all its requests (503 above); at least "
         "max_body_bytes.",
     )
+    max_response_bytes_in_flight: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of /v1/featuremaps responses over 1 MiB one worker holds at once, until each is sent "
+        "(503 above); one response always fits while the worker holds no other.",
+    )
+    send_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest time a client may take none of a response's bytes before its connection is closed "
+        "(`python -m service`).",
+    )
     max_image_pixels: int = Field(16_000_000, ge=1, description="Largest decoded image, width x height (413).")
     max_layers: int = Field(16, ge=1, description="Most stages in one pipeline.")
     max_filters_per_conv: int = Field(64, ge=1, description="Most filters in one conv stage.")
@@ -71,7 +83,7 @@ class Settings(BaseSettings):
         if self.max_body_bytes_in_flight < self.max_body_bytes:
             raise ValueError(
                 f"FEATUREMAP_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}) is below "
-                f"FEATUREMAP_MAX_BODY_BYTES ({self.max_body_bytes}): a body of the allowed size could never be read"
+                f"FEATUREMAP_MAX_BODY_BYTES ({self.max_body_bytes}): one body of the allowed size would fill it"
             )
         return self
 

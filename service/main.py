@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from service import __version__
-from service.admission import Admission
+from service.admission import Admission, ByteBudget
 from service.api import demo, featuremaps, filters, health, models, oip, predict, problem_types
 from service.api import metrics as metrics_api
 from service.api.deps import API_KEY_SCHEMES, require_api_key
@@ -53,7 +53,7 @@ from service.errors import (
     format_loc,
 )
 from service.memory import tune_allocator
-from service.middleware import BodyBudget, BodyLimitMiddleware
+from service.middleware import BodyLimitMiddleware
 from service.observability import Metrics, RequestContextMiddleware
 from service.readiness import Readiness, warm_up
 from service.schemas import (
@@ -278,6 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics(admission)
     max_pending = max(settings.max_queue, 1) * settings.batch_max_size
     batcher = MicroBatcher(predict.predict_many, admission, settings.batch_max_size, max_pending)
+    responses = ByteBudget(settings.max_response_bytes_in_flight, "responses waiting to be sent")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -301,6 +302,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "admission": admission,
             "batcher": batcher,
             "metrics": metrics,
+            "responses": responses,
         }
         readiness.mark_stopping()
         restore_sigterm()
@@ -319,7 +321,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         timeout_s=settings.body_timeout_s,
-        budget=BodyBudget(settings.max_body_bytes_in_flight),
+        budget=ByteBudget(settings.max_body_bytes_in_flight, "request bodies being received"),
     )
     if settings.cors_origins:
         app.add_middleware(

@@ -8,29 +8,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import LimitExceededError, OverloadedError, RequestTimeoutError
-
-
-class BodyBudget:
-    """The request body bytes a worker may hold at once, over all its requests: each body's size limit alone
-    lets 1,024 connections hold 1,024 bodies of that size (10 GiB at the defaults) and the worker be killed for
-    memory. Only the event loop takes and gives back, so plain ints suffice."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def take(self, size: int) -> None:
-        """Count `size` more bytes as held; OverloadedError (503, retry shortly) when they would not fit."""
-        if self.held + size > self.limit:
-            raise OverloadedError(
-                f"this worker is receiving {self.held:,} bytes of request bodies, the most it holds at once is "
-                f"{self.limit:,}; retry shortly"
-            )
-        self.held += size
-
-    def give_back(self, size: int) -> None:
-        self.held -= size
+from service.admission import ByteBudget
+from service.errors import LimitExceededError, RequestTimeoutError
 
 
 class BodyLimitMiddleware:
@@ -43,7 +22,7 @@ class BodyLimitMiddleware:
     declared Content-Length at once, before any byte is read, an undeclared one as it arrives. A body that does
     not fit gets a 503 problem with Retry-After (`OverloadedError`), and the bodies already held are unharmed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, budget: BodyBudget) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, budget: ByteBudget) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s

@@ -9,19 +9,36 @@ asyncio turns Nagle's algorithm off only for sockets whose `proto` is IPPROTO_TC
 uvicorn binds the listening socket itself as `socket(AF_INET, SOCK_STREAM)` (proto 0), so the connections its
 workers accept keep Nagle on: a response written as headers then body waits for the client's delayed ACK, and
 each request takes 40 ms (seen here: 2 workers answered 357 req/s where 1 answered 2,200, and a lone client
-waited 44 ms for a 0.5 ms answer). Setting the option on each connection makes any worker count behave."""
+waited 44 ms for a 0.5 ms answer). Setting the option on each connection makes any worker count behave.
+
+uvicorn has no time limit on sending: a client that stops reading keeps its connection, and the response it asked
+for stays in memory, for as long as it likes (a feature-map response can be hundreds of MB). This protocol closes
+a connection whose client has taken none of the bytes waiting for it for `FEATUREMAP_SEND_TIMEOUT_S`, as nginx's
+`send_timeout` does."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import functools
 import json
 import socket
+import struct
+import termios
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.config import Settings
+
 _TOO_LARGE = "Request Header Fields Too Large"  # RFC 6585's 431
 MAX_HEAD_BYTES = 16 * 1024  # a request line and headers larger than this are refused (431)
+
+
+@functools.cache
+def configured_send_timeout_s() -> float:
+    """FEATUREMAP_SEND_TIMEOUT_S, read once per worker (the app has validated the settings as it started)."""
+    return Settings().send_timeout_s
 
 
 class HeadTooLargeError(Exception):
@@ -45,6 +62,12 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     _head_size = 0  # the current request's head, as measured once complete, and then its trailer's lines
     _trailing = False  # the current request's headers have ended: any more header lines are its trailer's
     _too_large: str | None = None  # why this connection's request was refused, when its head was over the limit
+    _stalled: asyncio.TimerHandle | None = None  # while the transport holds more than it wants to: the send timeout
+    _unsent = 0  # the bytes waiting for the client (`_unsent_bytes`) when the send timeout was last set
+
+    @property
+    def send_timeout_s(self) -> float:
+        return configured_send_timeout_s()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         sock = transport.get_extra_info("socket")
@@ -108,6 +131,59 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._events += 1
         super().on_message_complete()
+
+    # The transport pauses the writer while it holds more than its high-water mark (64 KiB) that the socket did not
+    # take, and resumes it when it holds less than a quarter of that. While paused, the send timeout runs: when it
+    # passes and the client has taken none of the bytes held since it was set, the connection is aborted (uvicorn
+    # then treats the client as gone: the app's pending and later sends return at once, and its response is freed).
+    # A client that took some gets another period, so a slow but steady reader is never cut off.
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stalled is None:
+            self._set_send_timeout()
+
+    def resume_writing(self) -> None:
+        self._clear_send_timeout()
+        super().resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._clear_send_timeout()
+        super().connection_lost(exc)
+
+    def _unsent_bytes(self) -> int:
+        """What the client has yet to take: the transport's buffer and the socket's send queue (bytes sent and not
+        acknowledged, or not sent for want of the client's window). The queue shrinks as soon as the client reads;
+        the transport's buffer only once the socket has room for a good part of it again."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            except OSError:  # not a TCP socket (a Unix socket): the transport's buffer alone
+                pass
+        return unsent
+
+    def _set_send_timeout(self) -> None:
+        self._unsent = self._unsent_bytes()
+        self._stalled = self.loop.call_later(self.send_timeout_s, self._on_send_timeout)
+
+    def _clear_send_timeout(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _on_send_timeout(self) -> None:
+        self._stalled = None  # a closing transport still waits for its bytes to be taken: it is aborted alike
+        if self._unsent_bytes() < self._unsent:  # the client is reading, slowly
+            self._set_send_timeout()
+            return
+        self.logger.warning(
+            "Connection closed: the client took none of the %d bytes waiting for it for %g s.",
+            self._unsent,
+            self.send_timeout_s,
+        )
+        self.transport.abort()
 
 
 class FairAcceptEventLoop(asyncio.SelectorEventLoop):

@@ -16,7 +16,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ValidationError
 
-from service.admission import Admission
+from service.admission import Admission, ByteBudget
 from service.api.forms import parse_form
 from service.batching import MicroBatcher
 from service.classifiers import Registry
@@ -98,8 +98,13 @@ async def get_runtime(request: Request) -> Runtime:
     return Runtime(state.settings, state.registry, state.admission, state.batcher)
 
 
+async def get_response_budget(request: Request) -> ByteBudget:
+    return cast(ByteBudget, request.state.responses)
+
+
 ApiKeyDep = Depends(require_api_key)
 ComputeDep = Annotated[Admission, Depends(get_compute)]
+ResponseBudgetDep = Annotated[ByteBudget, Depends(get_response_budget)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)

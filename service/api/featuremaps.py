@@ -11,7 +11,14 @@ from starlette.responses import Response
 
 from service import imaging, pipeline
 from service.api import render
-from service.api.deps import ApiKeyDep, ComputeDep, FeaturemapsPayloadDep, ImagePayload, SettingsDep
+from service.api.deps import (
+    ApiKeyDep,
+    ComputeDep,
+    FeaturemapsPayloadDep,
+    ImagePayload,
+    ResponseBudgetDep,
+    SettingsDep,
+)
 from service.api.docs import image_request_body, problem_responses
 from service.config import Settings
 from service.deadline import Deadline
@@ -64,13 +71,15 @@ async def compute_featuremaps(
     payload: FeaturemapsPayloadDep,
     compute: ComputeDep,
     settings: SettingsDep,
+    responses: ResponseBudgetDep,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """Run a pipeline on an image; return each stage's maps as PNGs or float32 tensors (or one montage PNG)."""
-    return await compute.run(_featuremaps, payload, settings, render.wants_png(accept))
+    response = await compute.run(_featuremaps, payload, settings, render.wants_png(accept))
+    return response.hold(responses)  # a body of hundreds of MB waits in memory for a slow client: bounded
 
 
-def _featuremaps(payload: ImagePayload[FeaturemapsSpec], settings: Settings, png: bool) -> Response:
+def _featuremaps(payload: ImagePayload[FeaturemapsSpec], settings: Settings, png: bool) -> render.SlicedResponse:
     """The work, on a compute thread: decode, run, encode."""
     deadline = Deadline.after(settings.compute_timeout_s)
     spec = payload.spec.to_pipeline_spec()

@@ -39,7 +39,7 @@ PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str, str], ...] = (
     (UnknownModelError, 404, "unknown-model", "Unknown model", "No model of that name is served; the detail lists those that are."),
     (ModelsLoadingError, 503, "models-loading", "Models loading", "The models are still loading at start-up; retry after Retry-After."),
     (DeviceUnavailableError, 422, "device-unavailable", "Device unavailable", "The requested device is not present; `available_devices` lists those that are."),
-    (OverloadedError, 503, "overloaded", "Overloaded", "Every compute slot is busy and the queue is full, or the worker holds as many request body bytes as it may at once; retry after Retry-After."),
+    (OverloadedError, 503, "overloaded", "Overloaded", "Every compute slot is busy and the queue is full, or the worker holds as many request body bytes, or bytes of answers waiting to be sent, as it may at once; retry after Retry-After."),
     (ComputeTimeoutError, 504, "compute-timeout", "Compute time limit passed", "The request's work passed the per-request compute time limit and was stopped."),
     (RequestTimeoutError, 408, "request-timeout", "Request body too slow", "The request body did not arrive within the configured time."),
     (UnauthorizedError, 401, "unauthorized", "Unauthorized", "An API key is required: send X-API-Key or Authorization: Bearer."),

@@ -232,6 +232,24 @@ def test_a_body_past_the_workers_budget_is_a_503_problem_with_retry_after(chunke
         assert budget.held == 100_000 - len(payload)
 
 
+def test_a_response_past_the_workers_budget_is_a_503_problem_with_retry_after() -> None:
+    """The worker already holds most of FEATUREMAP_MAX_RESPONSE_BYTES_IN_FLIGHT (large answers that slow clients
+    have not taken yet, set here on the app's own budget): a large answer that does not fit gets the overloaded
+    problem instead; one that fits is sent, and either way the budget is back where it was afterwards."""
+    with make_client(max_response_bytes_in_flight=10_000_000) as client:
+        budget = client.app_state["responses"]
+        spec = {"spec": json.dumps({"output": {"format": "json"}})}  # the dog's three stages: about 7.5 MB
+        budget.held = 5_000_000
+        r = client.post(URL, files={"image": ("dog.jpg", DOG.read_bytes())}, data=spec)
+        assert_problem(r, 503, "overloaded", None, "bytes of responses waiting to be sent")
+        assert r.headers["retry-after"] == "1"
+        assert budget.held == 5_000_000
+        budget.held = 2_000_000
+        r = client.post(URL, files={"image": ("dog.jpg", DOG.read_bytes())}, data=spec)
+        assert r.status_code == 200 and len(r.content) > 2 * 1024 * 1024
+        assert budget.held == 2_000_000
+
+
 def test_pixel_limit_is_413() -> None:
     with make_client(max_image_pixels=10_000) as small:
         r = small.post(URL, files={"image": ("big.png", png(101, 100))})

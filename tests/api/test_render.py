@@ -1,16 +1,19 @@
 """`service.api.render`'s responses: large bodies are handed to the server in slices, with the same bytes and the
-same Content-Length as whole."""
+same Content-Length as whole, and held against the worker's budget for responses until sent or dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 
 import pytest
 from starlette.background import BackgroundTask
 from starlette.types import Message
 
+from service.admission import ByteBudget
 from service.api.render import SlicedResponse
+from service.errors import OverloadedError
 
 SLICE = SlicedResponse.SLICE
 
@@ -53,3 +56,46 @@ def test_a_websocket_scope_gets_starlette_s_own_denial_response() -> None:
     """Outside plain HTTP (a denied websocket handshake), the response is Starlette's, unsliced."""
     messages = sent(SlicedResponse(bytes(2 * SLICE)), "websocket")
     assert [m["type"] for m in messages] == ["websocket.http.response.start", "websocket.http.response.body"]
+
+
+@pytest.mark.parametrize(("size", "counted"), [(1, 0), (SLICE, 0), (SLICE + 1, SLICE + 1), (3 * SLICE, 3 * SLICE)])
+def test_a_large_body_is_held_against_the_budget_until_it_has_been_sent(size: int, counted: int) -> None:
+    budget = ByteBudget(10 * SLICE, "responses waiting to be sent")
+    response = SlicedResponse(b"x" * size).hold(budget)
+    assert budget.held == counted
+    held_at_sends: list[int] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            held_at_sends.append(budget.held)
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    asyncio.run(response({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send))
+    assert held_at_sends and set(held_at_sends) == {counted}  # held while every slice is sent
+    assert budget.held == 0  # and given back once sent, while the response object still lives
+    del response
+    gc.collect()
+    assert budget.held == 0  # once only
+
+
+def test_a_large_body_dropped_unsent_gives_its_bytes_back() -> None:
+    """A client that hangs up while its response is built: the response is dropped, never called."""
+    budget = ByteBudget(10 * SLICE, "responses waiting to be sent")
+    response = SlicedResponse(b"x" * (2 * SLICE)).hold(budget)
+    assert budget.held == 2 * SLICE
+    del response
+    assert budget.held == 0
+
+
+def test_a_large_body_that_does_not_fit_is_refused_and_holds_nothing() -> None:
+    budget = ByteBudget(3 * SLICE, "responses waiting to be sent")
+    first = SlicedResponse(b"x" * (2 * SLICE)).hold(budget)
+    with pytest.raises(OverloadedError, match="the most it holds at once is 3,145,728"):
+        SlicedResponse(b"y" * (2 * SLICE)).hold(budget)
+    assert budget.held == 2 * SLICE
+    SlicedResponse(b"z" * SLICE).hold(budget)  # not counted: a slice or less is the server's buffer's to bound
+    assert budget.held == 2 * SLICE
+    del first
+    assert budget.held == 0

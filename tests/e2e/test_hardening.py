@@ -151,6 +151,54 @@ def test_uploads_past_the_workers_body_budget_get_503_until_the_bodies_in_flight
         assert admitted.startswith(b"HTTP/1.1 422"), (admitted[:300], log.read_text()[-2000:])
 
 
+def test_a_client_that_stops_reading_is_cut_off_and_its_response_stops_counting_against_the_budget() -> None:
+    """One client asks for the dog's feature maps as JSON (about 7.5 MB) and reads none of it: its worker holds the
+    answer, so another client's equal answer does not fit in the 10 MB budget for responses (503, Retry-After).
+    After the 3 s send timeout the server closes the first connection, the answer is freed, and the other client's
+    next try is answered in full; the first client gets only what its socket buffers held."""
+    with served(send_timeout_s="3", max_response_bytes_in_flight=str(10_000_000)) as (url, _, log):
+        port = int(url.rsplit(":", 1)[1])
+        files = {"image": ("dog.jpg", DOG.read_bytes())}
+        spec = {"spec": json.dumps({"output": {"format": "json"}})}
+        with httpx.Client(base_url=url, timeout=30) as client:
+            whole = len(client.post("/v1/featuremaps", files=files, data=spec).content)
+            assert whole > 7_000_000
+            request = client.build_request("POST", "/v1/featuremaps", files=files, data=spec)
+            head = "POST /v1/featuremaps HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + "".join(
+                f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() != "host"
+            )
+            with socket.socket() as stalled:
+                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+                stalled.settimeout(30)
+                stalled.connect(("127.0.0.1", port))
+                stalled.sendall(head.encode() + b"\r\n" + request.read())
+
+                def until(status: int) -> httpx.Response:
+                    deadline = time.monotonic() + 15
+                    while (r := client.post("/v1/featuremaps", files=files, data=spec)).status_code != status:
+                        if time.monotonic() > deadline:
+                            break
+                    return r
+
+                refused = until(503)
+                assert refused.status_code == 503, (refused.text[:300], log.read_text()[-2000:])
+                assert refused.headers["retry-after"] == "1"
+                assert "bytes of responses waiting to be sent" in refused.json()["detail"]
+                served_whole = until(200)
+                assert served_whole.status_code == 200 and len(served_whole.content) == whole
+                taken = 0
+                while True:
+                    try:
+                        chunk = stalled.recv(1 << 20)
+                    except ConnectionResetError:
+                        break
+                    if not chunk:
+                        break
+                    taken += len(chunk)
+                assert 0 < taken < whole
+        assert "the client took none of the" in log.read_text()
+
+
 @pytest.mark.parametrize("workers", ["1", None])
 def test_sigterm_turns_readiness_off_and_lets_the_request_in_flight_finish(workers: str | None) -> None:
     """One process, and the default launch (a worker per usable CPU): every worker drains."""

@@ -1,7 +1,8 @@
 """Compute threads run torch with the thread count they were set up with: OpenMP keeps the count per thread, so a
 compute thread that never set it runs oneDNN's convolutions on a team of one thread per core, which the
 service's thread budget (service.cpus) does not count. The work's outcome reaches its caller and frees its slot,
-and is dropped quietly when nobody is left to take it. (Queueing and refusals: tests/api/test_robustness.py.)"""
+and is dropped quietly when nobody is left to take it. (Queueing and refusals: tests/api/test_robustness.py.) A byte
+budget takes what fits, and one item alone."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import pytest
 import torch
 
 from service import classifiers
-from service.admission import Admission
+from service.admission import Admission, ByteBudget
 from service.cpus import usable_cpus
+from service.errors import OverloadedError
 
 
 def threads_in_process() -> int:
@@ -105,3 +107,34 @@ def test_work_that_ends_after_its_event_loop_closed_is_dropped_quietly(caplog: p
         gate.set()
         admission.close()  # waits for the work, whose hand-back finds the loop closed
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+# ByteBudget: (held before, size taken) -> held after, or None when refused (held unchanged).
+BUDGET_CASES = [
+    (0, 600, 600),
+    (600, 400, 1_000),  # up to the limit exactly
+    (600, 401, None),
+    (1_000, 1, None),
+    (0, 5_000, 5_000),  # one item over the limit fits while nothing else is held
+    (1, 5_000, None),
+]
+
+
+@pytest.mark.parametrize(("held", "size", "after"), BUDGET_CASES)
+def test_a_byte_budget_takes_what_fits_and_one_item_alone(held: int, size: int, after: int | None) -> None:
+    budget = ByteBudget(1_000, "responses waiting to be sent")
+    budget.held = held
+    if after is None:
+        with pytest.raises(OverloadedError) as refused:
+            budget.take(size)
+        assert budget.held == held
+        assert str(refused.value) == (
+            f"this worker holds {held:,} bytes of responses waiting to be sent, the most it holds at once is 1,000; "
+            f"{size:,} more would not fit; retry shortly"
+        )
+        assert refused.value.retry_after == 1
+    else:
+        budget.take(size)
+        assert budget.held == after
+        budget.give_back(size)
+        assert budget.held == held

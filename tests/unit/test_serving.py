@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import httpx2 as httpx
 import pytest
 import uvicorn
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import memory
@@ -40,13 +40,13 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 @contextlib.contextmanager
-def serving(protocol: type[HttpToolsProtocol]) -> Iterator[int]:
+def serving(protocol: type[HttpToolsProtocol], asgi_app: ASGIApp = app) -> Iterator[int]:
     """A uvicorn server in a thread on a listening socket bound as uvicorn binds it for several workers; its port."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn's Config.bind_socket does
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
     assert listener.proto == 0
-    server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="error", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(asgi_app, http=protocol, log_level="error", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     try:
@@ -274,3 +274,68 @@ def test_python_m_service_serves_with_this_protocol_and_loop(monkeypatch: pytest
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # an operator's own choice stands
     entry.main(["--workers", "2"])
     assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
+
+
+MIB = 1024 * 1024
+LARGE = 24 * MIB  # far more than the sockets' buffers take: the server's transport holds the rest
+
+
+def with_send_timeout(seconds: float) -> type[HttpToolsNoDelayProtocol]:
+    class Timed(HttpToolsNoDelayProtocol):
+        @property
+        def send_timeout_s(self) -> float:
+            return seconds
+
+    return Timed
+
+
+@pytest.mark.parametrize(
+    ("protocol", "reads", "taken_whole"),
+    [
+        (with_send_timeout(0.5), [], False),  # takes nothing: cut off, and the app's sends return
+        (with_send_timeout(0.5), [16 * 1024] * 20, True),  # 16 KiB every 0.1 s for 2 s: slow, never stalled
+        (with_send_timeout(30), [], True),  # a 2 s stall is within the timeout
+        (HttpToolsProtocol, [], True),  # the control: uvicorn's own protocol waits for ever
+    ],
+    ids=["stalled", "slow-reader", "within-timeout", "plain-httptools"],
+)
+def test_a_client_that_takes_none_of_its_response_for_the_send_timeout_is_cut_off(
+    protocol: type[HttpToolsProtocol], reads: list[int], taken_whole: bool
+) -> None:
+    """The app sends 24 MiB in 1 MiB slices to a client that reads little or nothing for 2 s, then reads all it
+    can. Cut off, the app's sends all return within those 2 s (its response can be freed) and the client gets
+    less than the whole body; otherwise the app is still sending when the client starts reading it all."""
+    sends_returned = threading.Event()
+
+    async def large(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        headers = [(b"content-type", b"application/octet-stream"), (b"content-length", b"%d" % LARGE)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for end in range(MIB, LARGE + 1, MIB):
+            await send({"type": "http.response.body", "body": b"x" * MIB, "more_body": end < LARGE})
+        sends_returned.set()
+
+    with serving(protocol, large) as port, socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connecting: the window stays small
+        conn.settimeout(30)
+        conn.connect(("127.0.0.1", port))
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        received = 0
+        start = time.monotonic()
+        for size in reads:
+            time.sleep(0.1)
+            received += len(conn.recv(size))
+        sends_returned.wait(max(0.0, start + 2 - time.monotonic()))
+        sent_all_before_reading = sends_returned.is_set()
+        while chunk := _recv_or_reset(conn):
+            received += len(chunk)
+    head = len(b"HTTP/1.1 200 OK\r\n")
+    assert (received > LARGE + head) is taken_whole, received  # the head's other lines are fewer than 200 bytes
+    assert sent_all_before_reading is not taken_whole
+
+
+def _recv_or_reset(conn: socket.socket) -> bytes:
+    try:
+        return conn.recv(MIB)
+    except ConnectionResetError:
+        return b""
