@@ -172,6 +172,9 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_response_stops_counting_
                 stalled.settimeout(30)
                 stalled.connect(("127.0.0.1", port))
                 stalled.sendall(head.encode() + b"\r\n" + request.read())
+                # Its answer has started (so it is held) before the other client asks: otherwise the other's answer
+                # could be held first, for the moment it takes to send, and this one be the one refused.
+                assert stalled.recv(12, socket.MSG_PEEK | socket.MSG_WAITALL) == b"HTTP/1.1 200"
 
                 def until(status: int) -> httpx.Response:
                     deadline = time.monotonic() + 15
