@@ -118,13 +118,18 @@ class ByteBudget:
         self._lock = threading.Lock()
 
     def take(self, size: int) -> None:
+        # Nothing is made under the lock but ints: making an object can start the garbage collector, which may free
+        # a held response and run its `give_back` on this thread, which would then wait for this lock for ever.
         with self._lock:
-            if self.held and self.held + size > self.limit:
-                raise OverloadedError(
-                    f"this worker holds {self.held:,} bytes of {self.what}, the most it holds at once is "
-                    f"{self.limit:,}; {size:,} more would not fit; retry shortly"
-                )
-            self.held += size
+            held = self.held
+            fits = not held or held + size <= self.limit
+            if fits:
+                self.held = held + size
+        if not fits:
+            raise OverloadedError(
+                f"this worker holds {held:,} bytes of {self.what}, the most it holds at once is {self.limit:,}; "
+                f"{size:,} more would not fit; retry shortly"
+            )
 
     def give_back(self, size: int) -> None:
         with self._lock:

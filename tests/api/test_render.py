@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import threading
 
 import pytest
 from starlette.background import BackgroundTask
 from starlette.types import Message
 
+from service import admission
 from service.admission import ByteBudget
 from service.api.render import SlicedResponse
 from service.errors import OverloadedError
@@ -99,3 +101,36 @@ def test_a_large_body_that_does_not_fit_is_refused_and_holds_nothing() -> None:
     assert budget.held == 2 * SLICE
     del first
     assert budget.held == 0
+
+
+def test_a_refusal_while_the_collector_frees_a_held_response_does_not_deadlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held response that only the garbage collector can free (it is in a reference cycle) is freed while the
+    budget refuses another: making the refusal's exception starts a collection (as making any object may), on the
+    refusing thread, which gives the first response's bytes back there. Made under the budget's lock, that
+    thread would wait for itself."""
+
+    class CollectingOverloadedError(OverloadedError):
+        def __init__(self, detail: str, retry_after: int = 1) -> None:
+            gc.collect()
+            super().__init__(detail, retry_after)
+
+    monkeypatch.setattr(admission, "OverloadedError", CollectingOverloadedError)
+    budget = ByteBudget(3 * SLICE, "responses waiting to be sent")
+    response = SlicedResponse(b"x" * (2 * SLICE)).hold(budget)
+    response.cycle = response  # type: ignore[attr-defined]  # freed by the collector only
+    del response
+    outcome: list[str] = []
+
+    def refuse() -> None:
+        try:
+            budget.take(2 * SLICE)
+            outcome.append("taken")
+        except OverloadedError:
+            outcome.append("refused")
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the refusing thread is stuck on the budget's lock"
+    assert outcome == ["refused"]  # decided with the first response still held
+    assert budget.held == 0  # then given back by the collector
