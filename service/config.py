@@ -34,8 +34,8 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="Longest time a client may take none of a response's bytes before its connection is closed "
-        "(`python -m service`).",
+        description="Longest time a client may take none of a response's bytes before its connection is reset "
+        "(`python -m service`; looked at every quarter of it).",
     )
     max_image_pixels: int = Field(16_000_000, ge=1, description="Largest decoded image, width x height (413).")
     max_layers: int = Field(16, ge=1, description="Most stages in one pipeline.")

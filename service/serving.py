@@ -12,13 +12,14 @@ each request takes 40 ms (seen here: 2 workers answered 357 req/s where 1 answer
 waited 44 ms for a 0.5 ms answer). Setting the option on each connection makes any worker count behave.
 
 uvicorn has no time limit on sending: a client that stops reading keeps its connection, and the response it asked
-for stays in memory, for as long as it likes (a feature-map response can be hundreds of MB). This protocol closes
+for stays in memory, for as long as it likes (a feature-map response can be hundreds of MB). This protocol resets
 a connection whose client has taken none of the bytes waiting for it for `FEATUREMAP_SEND_TIMEOUT_S`, as nginx's
-`send_timeout` does."""
+`send_timeout` with `reset_timedout_connection` does."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import json
@@ -33,6 +34,7 @@ from service.config import Settings
 
 _TOO_LARGE = "Request Header Fields Too Large"  # RFC 6585's 431
 MAX_HEAD_BYTES = 16 * 1024  # a request line and headers larger than this are refused (431)
+_LOOKS = 4  # looks at a paused writer per send timeout
 
 
 @functools.cache
@@ -62,8 +64,9 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     _head_size = 0  # the current request's head, as measured once complete, and then its trailer's lines
     _trailing = False  # the current request's headers have ended: any more header lines are its trailer's
     _too_large: str | None = None  # why this connection's request was refused, when its head was over the limit
-    _stalled: asyncio.TimerHandle | None = None  # while the transport holds more than it wants to: the send timeout
-    _unsent = 0  # the bytes waiting for the client (`_unsent_bytes`) when the send timeout was last set
+    _stalled: asyncio.TimerHandle | None = None  # while the transport holds more than it wants to: the next look
+    _unsent = 0  # the fewest bytes seen waiting for the client (`_unsent_bytes`) since the writer paused
+    _quiet = 0  # the looks in a row, since the writer paused, that found none of them taken
 
     @property
     def send_timeout_s(self) -> float:
@@ -133,15 +136,18 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     # The transport pauses the writer while it holds more than its high-water mark (64 KiB) that the socket did not
-    # take, and resumes it when it holds less than a quarter of that. While paused, the send timeout runs: when it
-    # passes and the client has taken none of the bytes held since it was set, the connection is aborted (uvicorn
-    # then treats the client as gone: the app's pending and later sends return at once, and its response is freed).
-    # A client that took some gets another period, so a slow but steady reader is never cut off.
+    # take, and resumes it when it holds less than a quarter of that. While paused, the bytes waiting for the client
+    # are looked at every quarter of the send timeout; once four looks in a row have found none of them taken, the
+    # connection is reset (uvicorn then treats the client as gone: the app's pending and later sends return at
+    # once, and its response is freed). So a client that stops reading is cut off between 1 and 1.25 timeouts after
+    # its last byte was taken, and a slow but steady reader never is. "Taken" is what the network acknowledged: the
+    # client's kernel takes in up to its receive buffer's worth after its program has stopped reading.
 
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stalled is None:
-            self._set_send_timeout()
+            self._unsent, self._quiet = self._unsent_bytes(), 0
+            self._watch_send()
 
     def resume_writing(self) -> None:
         self._clear_send_timeout()
@@ -164,25 +170,31 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
                 pass
         return unsent
 
-    def _set_send_timeout(self) -> None:
-        self._unsent = self._unsent_bytes()
-        self._stalled = self.loop.call_later(self.send_timeout_s, self._on_send_timeout)
+    def _watch_send(self) -> None:
+        self._stalled = self.loop.call_later(self.send_timeout_s / _LOOKS, self._on_send_watch)
 
     def _clear_send_timeout(self) -> None:
         if self._stalled is not None:
             self._stalled.cancel()
             self._stalled = None
 
-    def _on_send_timeout(self) -> None:
-        self._stalled = None  # a closing transport still waits for its bytes to be taken: it is aborted alike
-        if self._unsent_bytes() < self._unsent:  # the client is reading, slowly
-            self._set_send_timeout()
+    def _on_send_watch(self) -> None:
+        self._stalled = None  # a closing transport still waits for its bytes to be taken: it is cut off alike
+        unsent = self._unsent_bytes()
+        self._quiet = 0 if unsent < self._unsent else self._quiet + 1  # none taken, or some
+        self._unsent = min(unsent, self._unsent)
+        if self._quiet < _LOOKS:
+            self._watch_send()
             return
         self.logger.warning(
-            "Connection closed: the client took none of the %d bytes waiting for it for %g s.",
-            self._unsent,
+            "Connection reset: the client took none of the %d bytes waiting for it for %g s.",
+            unsent,
             self.send_timeout_s,
         )
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a reset (linger 0): the kernel drops the bytes it still holds for the client, too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
 

@@ -154,8 +154,9 @@ def test_uploads_past_the_workers_body_budget_get_503_until_the_bodies_in_flight
 def test_a_client_that_stops_reading_is_cut_off_and_its_response_stops_counting_against_the_budget() -> None:
     """One client asks for the dog's feature maps as JSON (about 7.5 MB) and reads none of it: its worker holds the
     answer, so another client's equal answer does not fit in the 10 MB budget for responses (503, Retry-After).
-    After the 3 s send timeout the server closes the first connection, the answer is freed, and the other client's
-    next try is answered in full; the first client gets only what its socket buffers held."""
+    Once the first client has taken nothing for the 3 s send timeout (looked at every 0.75 s), the server resets its
+    connection, the answer is freed, and the other client's next try is answered in full; the first client gets
+    only part of its answer."""
     with served(send_timeout_s="3", max_response_bytes_in_flight=str(10_000_000)) as (url, _, log):
         port = int(url.rsplit(":", 1)[1])
         files = {"image": ("dog.jpg", DOG.read_bytes())}

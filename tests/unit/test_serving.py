@@ -8,17 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import httpx2 as httpx
 import pytest
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import memory
@@ -339,3 +342,79 @@ def _recv_or_reset(conn: socket.socket) -> bytes:
         return conn.recv(MIB)
     except ConnectionResetError:
         return b""
+
+
+@dataclass
+class _Timer:
+    when: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Clock:
+    """The parts of an event loop the send timeout uses: its clock and `call_later`, run by hand in time order."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[_Timer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
+        timer = _Timer(self.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def run_until(self, end: float, done: Callable[[], bool]) -> None:
+        while not done() and (live := [t for t in self.timers if not t.cancelled]):
+            first = min(live, key=lambda t: t.when)
+            if first.when > end:
+                return
+            self.timers.remove(first)
+            self.now = first.when
+            first.callback()
+
+
+class _StalledTransport:
+    """A transport whose bytes waiting for the client follow `waiting(now)`; it records when it was aborted."""
+
+    def __init__(self, clock: _Clock, waiting: Callable[[float], int]) -> None:
+        self.clock, self.waiting = clock, waiting
+        self.aborted_at: float | None = None
+
+    def get_write_buffer_size(self) -> int:
+        return self.waiting(self.clock.now)
+
+    def get_extra_info(self, name: str) -> None:
+        return None  # no socket: the transport's buffer is all there is to see
+
+    def abort(self) -> None:
+        self.aborted_at = self.clock.now
+
+
+# The bytes waiting for a client after the writer paused at 0 s (send timeout 1 s, looked at every 0.25 s) -> when
+# the connection is reset: between 1 and 1.25 timeouts after the last byte taken, and never for a steady reader.
+WATCH_CASES = [
+    ("takes nothing", lambda t: 100_000, 1.0),
+    ("its kernel takes some at once, then nothing", lambda t: 100_000 if t == 0 else 90_000, 1.25),
+    ("takes a byte a look", lambda t: 100_000 - int(t * 4), None),
+    ("reads until 3.1 s", lambda t: 100_000 - int(min(t, 3.1) * 1000), 4.25),
+]
+
+
+@pytest.mark.parametrize(("waiting", "reset_at"), [c[1:] for c in WATCH_CASES], ids=[c[0] for c in WATCH_CASES])
+def test_a_paused_writer_is_reset_one_timeout_after_the_client_last_took_a_byte(
+    waiting: Callable[[float], int], reset_at: float | None
+) -> None:
+    clock = _Clock()
+    transport = _StalledTransport(clock, waiting)
+    protocol = object.__new__(with_send_timeout(1.0))  # only what the send timeout touches
+    protocol.loop, protocol.transport, protocol.logger = clock, transport, logging.getLogger("test")
+    protocol.flow = FlowControl(transport)  # type: ignore[arg-type]
+    protocol.pause_writing()
+    clock.run_until(100.0, lambda: transport.aborted_at is not None)
+    assert transport.aborted_at == pytest.approx(reset_at) if reset_at is not None else transport.aborted_at is None
