@@ -77,7 +77,8 @@ class Admission:
         if self.waiting >= self.queue:
             raise OverloadedError(
                 f"{self.active} requests are running and {self.waiting} waiting, the most this server takes; "
-                "retry shortly"
+                "retry shortly",
+                "queue_full",
             )
         self.waiting += 1
         self._changed()
@@ -86,7 +87,9 @@ class Admission:
             async with asyncio.timeout(self.wait_s):
                 await self._slots.acquire()
         except TimeoutError:
-            raise OverloadedError(f"no compute slot came free within {self.wait_s:g} s; retry shortly") from None
+            raise OverloadedError(
+                f"no compute slot came free within {self.wait_s:g} s; retry shortly", "queue_wait"
+            ) from None
         finally:
             self.waiting -= 1
             self._changed()
@@ -111,9 +114,10 @@ class ByteBudget:
     `limit`; one item always fits while nothing else is held, so no request is refused for its size alone.
     `give_back` may come from any thread (a response freed by the garbage collector), hence the lock."""
 
-    def __init__(self, limit: int, what: str) -> None:
+    def __init__(self, limit: int, what: str, reason: str) -> None:
         self.limit = limit
-        self.what = what  # for the refusal: "request bodies being received"
+        self.what = what  # for the refusal's detail: "request bodies being received"
+        self.reason = reason  # and its reason, for the metrics: "request_bodies"
         self.held = 0
         self._lock = threading.Lock()
 
@@ -128,7 +132,8 @@ class ByteBudget:
         if not fits:
             raise OverloadedError(
                 f"this worker holds {held:,} bytes of {self.what}, the most it holds at once is {self.limit:,}; "
-                f"{size:,} more would not fit; retry shortly"
+                f"{size:,} more would not fit; retry shortly",
+                self.reason,
             )
 
     def give_back(self, size: int) -> None:

@@ -40,7 +40,9 @@ class MicroBatcher(Generic[Item, Result]):
         """Run `item` in the next batch for `key`; its own result, or its own exception."""
         queue = self._pending.setdefault(key, deque())
         if len(queue) >= self.max_pending:
-            raise OverloadedError(f"{len(queue)} predictions are already waiting for this model; retry shortly")
+            raise OverloadedError(
+                f"{len(queue)} predictions are already waiting for this model; retry shortly", "batch_queue_full"
+            )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         queue.append((item, future))
         if key not in self._workers:

@@ -82,11 +82,19 @@ class ModelsLoadingError(FeatureMapError):
 
 
 class OverloadedError(FeatureMapError):
-    """The service is at its concurrency limit and its queue is full; `retry_after` is in seconds."""
+    """A bound that protects the server refused the request for now; `retry_after` is in seconds, and `reason` names
+    the bound (one of `REFUSAL_REASONS`, for the metrics)."""
 
-    def __init__(self, detail: str, retry_after: int = 1) -> None:
+    def __init__(self, detail: str, reason: str, retry_after: int = 1) -> None:
         self.retry_after = retry_after
+        self.reason = reason
         super().__init__(detail)
+
+
+# Why a request was refused with 503 (`OverloadedError.reason`): every compute slot busy and the queue full; no slot
+# free within the queue wait; too many single predictions waiting for a batch; the worker's budget for request
+# bodies, or for answers waiting to be sent, full.
+REFUSAL_REASONS = ("queue_full", "queue_wait", "batch_queue_full", "request_bodies", "responses")
 
 
 class ComputeTimeoutError(FeatureMapError):

@@ -143,6 +143,8 @@ def install_problem_handlers(app: FastAPI) -> None:
             status = 422  # a body field naming no model is an invalid field; a path naming none is a 404
         if isinstance(exc, ModelsLoadingError | OverloadedError):
             headers = {"Retry-After": str(getattr(exc, "retry_after", 1))}
+        if isinstance(exc, OverloadedError) and (metrics := getattr(request.state, "metrics", None)) is not None:
+            metrics.refused(exc.reason)
         elif isinstance(exc, UnauthorizedError):
             headers = {"WWW-Authenticate": 'Bearer realm="featuremap", ApiKey header="X-API-Key"'}
         elif isinstance(exc, RequestTimeoutError):
@@ -278,7 +280,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics(admission)
     max_pending = max(settings.max_queue, 1) * settings.batch_max_size
     batcher = MicroBatcher(predict.predict_many, admission, settings.batch_max_size, max_pending)
-    responses = ByteBudget(settings.max_response_bytes_in_flight, "responses waiting to be sent")
+    responses = ByteBudget(settings.max_response_bytes_in_flight, "responses waiting to be sent", "responses")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -321,7 +323,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         timeout_s=settings.body_timeout_s,
-        budget=ByteBudget(settings.max_body_bytes_in_flight, "request bodies being received"),
+        budget=ByteBudget(settings.max_body_bytes_in_flight, "request bodies being received", "request_bodies"),
     )
     if settings.cors_origins:
         app.add_middleware(

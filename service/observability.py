@@ -19,6 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Admission
+from service.errors import REFUSAL_REASONS
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 access_log = logging.getLogger("service.access")
@@ -110,6 +111,14 @@ class Metrics:
             queue.set_function(lambda: admission.waiting)
             active.set_function(lambda: admission.active)
         self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self.refusals = Counter(
+            "featuremap_refused",
+            "Requests refused with 503 to protect the server, by the bound that refused them",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:  # every series from the start, at 0: rate() needs no first refusal
+            self.refusals.labels(reason)
 
     def worker_stopped(self) -> None:
         """In multiprocess mode, this worker's gauges leave the sums (its counts stay: they happened)."""
@@ -123,6 +132,10 @@ class Metrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
         return generate_latest(registry)
+
+    def refused(self, reason: str) -> None:
+        """Count one request refused by the bound `reason` (one of `REFUSAL_REASONS`)."""
+        self.refusals.labels(reason).inc()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request; each (method, route, status)'s children are looked up once."""

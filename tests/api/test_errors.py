@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.errors import REFUSAL_REASONS
 from service.middleware import BodyLimitMiddleware
 from tests.conftest import DOG, make_client
 
@@ -213,6 +215,12 @@ def test_body_over_the_limit_is_413(chunked: bool) -> None:
         assert small.post(URL, content=payload, headers={"Content-Type": "application/json"}).status_code == 200
 
 
+def refusals(client: TestClient) -> dict[str, int]:
+    """`featuremap_refused_total` by reason, from /metrics."""
+    text = client.get("/metrics").text
+    return {m[1]: int(float(m[2])) for m in re.finditer(r'featuremap_refused_total\{reason="(\w+)"\} (\S+)', text)}
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_a_body_past_the_workers_budget_is_a_503_problem_with_retry_after(chunked: bool) -> None:
     """The worker already holds nearly all of FEATUREMAP_MAX_BODY_BYTES_IN_FLIGHT (other uploads in flight, set
@@ -226,6 +234,7 @@ def test_a_body_past_the_workers_budget_is_a_503_problem_with_retry_after(chunke
         r = client.post(URL, content=content, headers={"Content-Type": "application/json"})
         assert_problem(r, 503, "overloaded", None, "the most it holds at once is 100,000")
         assert r.headers["retry-after"] == "1"
+        assert refusals(client)["request_bodies"] == 1
         assert budget.held == 80_000
         budget.held = 100_000 - len(payload)
         assert client.post(URL, content=payload, headers={"Content-Type": "application/json"}).status_code == 200
@@ -243,6 +252,7 @@ def test_a_response_past_the_workers_budget_is_a_503_problem_with_retry_after() 
         r = client.post(URL, files={"image": ("dog.jpg", DOG.read_bytes())}, data=spec)
         assert_problem(r, 503, "overloaded", None, "bytes of responses waiting to be sent")
         assert r.headers["retry-after"] == "1"
+        assert refusals(client) == {**dict.fromkeys(REFUSAL_REASONS, 0), "responses": 1}
         assert budget.held == 5_000_000
         budget.held = 2_000_000
         r = client.post(URL, files={"image": ("dog.jpg", DOG.read_bytes())}, data=spec)

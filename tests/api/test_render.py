@@ -62,7 +62,7 @@ def test_a_websocket_scope_gets_starlette_s_own_denial_response() -> None:
 
 @pytest.mark.parametrize(("size", "counted"), [(1, 0), (SLICE, 0), (SLICE + 1, SLICE + 1), (3 * SLICE, 3 * SLICE)])
 def test_a_large_body_is_held_against_the_budget_until_it_has_been_sent(size: int, counted: int) -> None:
-    budget = ByteBudget(10 * SLICE, "responses waiting to be sent")
+    budget = ByteBudget(10 * SLICE, "responses waiting to be sent", "responses")
     response = SlicedResponse(b"x" * size).hold(budget)
     assert budget.held == counted
     held_at_sends: list[int] = []
@@ -84,7 +84,7 @@ def test_a_large_body_is_held_against_the_budget_until_it_has_been_sent(size: in
 
 def test_a_large_body_dropped_unsent_gives_its_bytes_back() -> None:
     """A client that hangs up while its response is built: the response is dropped, never called."""
-    budget = ByteBudget(10 * SLICE, "responses waiting to be sent")
+    budget = ByteBudget(10 * SLICE, "responses waiting to be sent", "responses")
     response = SlicedResponse(b"x" * (2 * SLICE)).hold(budget)
     assert budget.held == 2 * SLICE
     del response
@@ -92,7 +92,7 @@ def test_a_large_body_dropped_unsent_gives_its_bytes_back() -> None:
 
 
 def test_a_large_body_that_does_not_fit_is_refused_and_holds_nothing() -> None:
-    budget = ByteBudget(3 * SLICE, "responses waiting to be sent")
+    budget = ByteBudget(3 * SLICE, "responses waiting to be sent", "responses")
     first = SlicedResponse(b"x" * (2 * SLICE)).hold(budget)
     with pytest.raises(OverloadedError, match="the most it holds at once is 3,145,728"):
         SlicedResponse(b"y" * (2 * SLICE)).hold(budget)
@@ -110,12 +110,12 @@ def test_a_refusal_while_the_collector_frees_a_held_response_does_not_deadlock(m
     thread would wait for itself."""
 
     class CollectingOverloadedError(OverloadedError):
-        def __init__(self, detail: str, retry_after: int = 1) -> None:
+        def __init__(self, detail: str, reason: str, retry_after: int = 1) -> None:
             gc.collect()
-            super().__init__(detail, retry_after)
+            super().__init__(detail, reason, retry_after)
 
     monkeypatch.setattr(admission, "OverloadedError", CollectingOverloadedError)
-    budget = ByteBudget(3 * SLICE, "responses waiting to be sent")
+    budget = ByteBudget(3 * SLICE, "responses waiting to be sent", "responses")
     response = SlicedResponse(b"x" * (2 * SLICE)).hold(budget)
     response.cycle = response  # type: ignore[attr-defined]  # freed by the collector only
     del response

@@ -23,7 +23,7 @@ from service.config import Settings
 from service.errors import OverloadedError
 from service.main import create_app
 from service.observability import JSONFormatter
-from tests.api.test_errors import assert_problem
+from tests.api.test_errors import assert_problem, refusals
 from tests.conftest import DOG, make_client
 
 URL = "/v1/featuremaps"
@@ -160,16 +160,18 @@ def test_admission_queues_then_refuses_and_holds_slots_until_the_work_ends() -> 
         waiter = asyncio.create_task(admission.run(lambda: "second"))
         await asyncio.sleep(0.05)
         assert (admission.active, admission.waiting) == (1, 1)
-        with pytest.raises(OverloadedError, match="1 waiting"):  # the queue is full: refused at once
+        with pytest.raises(OverloadedError, match="1 waiting") as full:  # the queue is full: refused at once
             await admission.run(lambda: None)
+        assert full.value.reason == "queue_full"
         release.set()
         assert await asyncio.gather(holder, waiter) == [True, "second"]
         assert (admission.active, admission.waiting) == (0, 0)
         release.clear()
         holder = asyncio.create_task(admission.run(release.wait, 30))
         await asyncio.sleep(0.05)
-        with pytest.raises(OverloadedError, match="within 0.2 s"):  # queued, but no slot in time
+        with pytest.raises(OverloadedError, match="within 0.2 s") as late:  # queued, but no slot in time
             await admission.run(lambda: None)
+        assert late.value.reason == "queue_wait"
         holder.cancel()  # the client hangs up: its work still holds the slot until it ends
         await asyncio.sleep(0.05)
         assert admission.active == 1
@@ -212,6 +214,13 @@ def test_a_full_server_answers_503_with_retry_after(gated_pipeline: threading.Ev
         r = c.post(URL, files=FILES, data=SMALL)
         assert_problem(r, 503, "overloaded", None, "retry shortly")
         assert r.headers["retry-after"] == "1"
+        assert refusals(c) == {
+            "queue_full": 1,
+            "queue_wait": 0,
+            "batch_queue_full": 0,
+            "request_bodies": 0,
+            "responses": 0,
+        }
         assert c.get("/healthz").status_code == 200  # probes never queue
         gated_pipeline.set()
         worker.join(30)

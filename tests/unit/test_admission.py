@@ -122,7 +122,7 @@ BUDGET_CASES = [
 
 @pytest.mark.parametrize(("held", "size", "after"), BUDGET_CASES)
 def test_a_byte_budget_takes_what_fits_and_one_item_alone(held: int, size: int, after: int | None) -> None:
-    budget = ByteBudget(1_000, "responses waiting to be sent")
+    budget = ByteBudget(1_000, "responses waiting to be sent", "responses")
     budget.held = held
     if after is None:
         with pytest.raises(OverloadedError) as refused:

@@ -56,8 +56,9 @@ def test_a_full_batch_queue_refuses_new_items() -> None:
         await asyncio.sleep(0.05)  # item 0 is computing (held by the gate)
         tasks += [asyncio.create_task(batcher.submit("m", i)) for i in (1, 2)]
         await asyncio.sleep(0.05)  # items 1 and 2 wait: the most allowed
-        with pytest.raises(OverloadedError, match="already waiting"):
+        with pytest.raises(OverloadedError, match="already waiting") as refused:
             await batcher.submit("m", 99)
+        assert refused.value.reason == "batch_queue_full"
         gate.set()
         assert await asyncio.gather(*tasks) == [0, 1, 2]
         admission.close()

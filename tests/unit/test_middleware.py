@@ -64,7 +64,7 @@ def test_bodies_past_the_workers_budget_get_503_and_their_bytes_come_back_when_r
     async def scenario() -> tuple[list[Outcome], list[int]]:
         outcomes: list[Outcome] = []
         hold = asyncio.Event()
-        budget = ByteBudget(10_000, "request bodies being received")
+        budget = ByteBudget(10_000, "request bodies being received", "request_bodies")
         guard = BodyLimitMiddleware(_reading_app(outcomes, hold), max_bytes=8_000, timeout_s=10, budget=budget)
         chunks = [b"a" * 3_000, b"b" * 3_000]  # 6,000 bytes a body
 
@@ -97,7 +97,7 @@ def test_bodies_past_the_workers_budget_get_503_and_their_bytes_come_back_when_r
 def test_a_body_over_its_own_limit_is_413_not_503_and_holds_nothing_after() -> None:
     async def scenario() -> tuple[list[Outcome], int]:
         outcomes: list[Outcome] = []
-        budget = ByteBudget(100_000, "request bodies being received")
+        budget = ByteBudget(100_000, "request bodies being received", "request_bodies")
         guard = BodyLimitMiddleware(
             _reading_app(outcomes, asyncio.Event()), max_bytes=5_000, timeout_s=10, budget=budget
         )
