@@ -181,7 +181,7 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     def _on_send_watch(self) -> None:
         self._stalled = None  # a closing transport still waits for its bytes to be taken: it is cut off alike
         unsent = self._unsent_bytes()
-        self._quiet = 0 if unsent < self._unsent else self._quiet + 1  # none taken, or some
+        self._quiet = 0 if unsent < self._unsent else self._quiet + 1  # some taken: count again from 0
         self._unsent = min(unsent, self._unsent)
         if self._quiet < _LOOKS:
             self._watch_send()
