@@ -1,6 +1,7 @@
 """Dynamic micro-batching: requests for the same model and device that arrive while one batch computes are
-run together as the next batch, up to `max_size`. Nothing waits for a batch to fill: a lone request runs at
-once, so batching costs no latency at low load and saves per-call overhead at high load.
+run together as the next batch, up to `max_size`. Nothing waits for a batch to fill or on a timer: a batch is cut
+once the event loop has run what was ready (requests it was still reading join it), so a lone request runs after
+a turn of the loop, and batching costs no latency at low load and saves per-call overhead at high load.
 
 Each item's outcome is its own: `run_batch` returns one result or one exception per item, in order, so a bad
 input fails only its own request.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sized
 from typing import Generic, TypeVar
 
 from service.admission import Admission
@@ -18,6 +19,17 @@ from service.errors import OverloadedError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+IDLE_TURNS = 64  # the most turns of the event loop a batch waits for before it is cut
+FALLBACK_TURNS = 4  # on a loop whose ready queue cannot be seen
+
+
+def ready_queue(loop: asyncio.AbstractEventLoop) -> Sized | None:
+    """The callbacks `loop` has yet to run this turn: CPython's `_ready` (asyncio.base_events, the same since
+    Python 3.4); None for a loop without one (uvloop), which then gets `FALLBACK_TURNS` turns."""
+    ready = getattr(loop, "_ready", None)
+    return ready if isinstance(ready, Sized) else None
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -53,6 +65,7 @@ class MicroBatcher(Generic[Item, Result]):
         queue = self._pending[key]
         try:
             while queue:
+                await self._until_loop_idle(queue)
                 batch = [queue.popleft() for _ in range(min(self.max_size, len(queue)))]
                 live = [(item, fut) for item, fut in batch if not fut.done()]  # skip clients that hung up
                 if not live:
@@ -74,3 +87,19 @@ class MicroBatcher(Generic[Item, Result]):
             task = asyncio.current_task()
             if queue and not (task and task.cancelling()):  # items that came while this worker was ending
                 self._workers[key] = asyncio.create_task(self._drain(key))
+
+    async def _until_loop_idle(self, queue: deque[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """Let the event loop run what is ready before a batch is cut, turn by turn, until a turn leaves nothing
+        ready, the batch is full, or `IDLE_TURNS` turns have passed (a loop that is never idle still gets its
+        batches). The requests the loop is still reading (a few turns each: headers, body, form) then join this
+        batch rather than the next; cut at once, a batch took whoever had arrived, often one request, and its
+        compute thread then took turns with the loop reading the rest, on the same CPU in a pinned worker. With 16
+        clients on 2 cores the mean batch grew from 3.7 to 5.0, and `python -m service` served 1,991 against 1,874
+        req/s cut at once (medians of 10 alternated rounds, faster in 6: this machine's noise is as large)."""
+        ready = ready_queue(asyncio.get_running_loop())
+        for _ in range(IDLE_TURNS if ready is not None else FALLBACK_TURNS):
+            if len(queue) >= self.max_size:
+                return
+            await asyncio.sleep(0)
+            if ready is not None and not ready:
+                return

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from service import batching
 from service.admission import Admission
 from service.batching import MicroBatcher
 from service.errors import OverloadedError
@@ -62,5 +64,83 @@ def test_a_full_batch_queue_refuses_new_items() -> None:
         gate.set()
         assert await asyncio.gather(*tasks) == [0, 1, 2]
         admission.close()
+
+    asyncio.run(scenario())
+
+
+def _batcher(seen: list[list[int]], max_size: int = 16) -> tuple[Admission, MicroBatcher[int, int]]:
+    def run_batch(items: list[int]) -> list[int | Exception]:
+        seen.append(items)
+        return [i * 10 for i in items]
+
+    admission = Admission(limit=1, queue=4, wait_s=10)
+    return admission, MicroBatcher(run_batch, admission, max_size=max_size, max_pending=100)
+
+
+async def _after_turns(turns: int, then: Awaitable[int]) -> int:
+    """A request the loop is still reading: it reaches the batcher `turns` turns of the loop from now."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return await then
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["ready queue", "no ready queue"])
+def test_requests_still_being_read_when_the_first_arrives_join_its_batch(
+    fallback: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six requests reach the batcher over six turns of the event loop (as requests read over several turns do):
+    one batch, not the first alone and the rest after it. A loop whose ready queue cannot be seen waits
+    `FALLBACK_TURNS` turns: the requests within them join."""
+    if fallback:
+        monkeypatch.setattr(batching, "ready_queue", lambda loop: None)
+    seen: list[list[int]] = []
+
+    async def scenario() -> None:
+        admission, batcher = _batcher(seen)
+        count = 6 if not fallback else batching.FALLBACK_TURNS
+        results = await asyncio.gather(*(_after_turns(i, batcher.submit("m", i)) for i in range(count)))
+        assert results == [i * 10 for i in range(count)]
+        assert seen == [list(range(count))]
+        admission.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_loop_that_is_never_idle_still_gets_its_batches_and_a_full_one_goes_at_once() -> None:
+    """Another task keeps the loop busy every turn: a batch is cut after `IDLE_TURNS` turns, not never; and a batch
+    already full is cut at once. Turns are counted up to the cut (the batch runs inline here: no thread timing)."""
+    seen: list[list[int]] = []
+    turns = 0
+    cut_at: list[int] = []
+
+    class InlineAdmission:
+        async def run(
+            self, fn: Callable[[list[int]], list[int | Exception]], items: list[int]
+        ) -> list[int | Exception]:
+            cut_at.append(turns)
+            return fn(items)
+
+    async def busy() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    def run_batch(items: list[int]) -> list[int | Exception]:
+        seen.append(items)
+        return [i * 10 for i in items]
+
+    async def scenario() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, InlineAdmission(), max_size=2, max_pending=100)  # type: ignore[arg-type]
+        spinner = asyncio.create_task(busy())
+        await asyncio.sleep(0)
+        start = turns
+        assert await asyncio.wait_for(batcher.submit("m", 1), 10) == 10
+        assert batching.IDLE_TURNS <= cut_at[0] - start <= batching.IDLE_TURNS + 3, cut_at[0] - start
+        start = turns
+        assert await asyncio.wait_for(asyncio.gather(batcher.submit("m", 2), batcher.submit("m", 3)), 10) == [20, 30]
+        assert cut_at[1] - start <= 3, cut_at[1] - start  # full: cut without waiting for the loop
+        assert seen == [[1], [2, 3]]
+        spinner.cancel()
 
     asyncio.run(scenario())
