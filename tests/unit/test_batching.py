@@ -98,7 +98,8 @@ def test_requests_still_being_read_when_the_first_arrives_join_its_batch(
     async def scenario() -> None:
         admission, batcher = _batcher(seen)
         count = 6 if not fallback else batching.FALLBACK_TURNS
-        results = await asyncio.gather(*(_after_turns(i, batcher.submit("m", i)) for i in range(count)))
+        requests = asyncio.gather(*(_after_turns(i, batcher.submit("m", i)) for i in range(count)))
+        results = await asyncio.wait_for(requests, 10)  # a batch never cut fails here, not hangs
         assert results == [i * 10 for i in range(count)]
         assert seen == [list(range(count))]
         admission.close()
