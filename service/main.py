@@ -143,12 +143,12 @@ def install_problem_handlers(app: FastAPI) -> None:
             status = 422  # a body field naming no model is an invalid field; a path naming none is a 404
         if isinstance(exc, ModelsLoadingError | OverloadedError):
             headers = {"Retry-After": str(getattr(exc, "retry_after", 1))}
-        if isinstance(exc, OverloadedError) and (metrics := getattr(request.state, "metrics", None)) is not None:
-            metrics.refused(exc.reason)
         elif isinstance(exc, UnauthorizedError):
             headers = {"WWW-Authenticate": 'Bearer realm="featuremap", ApiKey header="X-API-Key"'}
         elif isinstance(exc, RequestTimeoutError):
             headers = {"Connection": "close"}
+        if isinstance(exc, OverloadedError) and (metrics := getattr(request.state, "metrics", None)) is not None:
+            metrics.refused(exc.reason)
         return problem(status, str(exc), request, slug, title, errors, headers, **extra)
 
     @app.exception_handler(RequestValidationError)

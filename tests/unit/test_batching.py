@@ -68,13 +68,14 @@ def test_a_full_batch_queue_refuses_new_items() -> None:
     asyncio.run(scenario())
 
 
-def _batcher(seen: list[list[int]], max_size: int = 16) -> tuple[Admission, MicroBatcher[int, int]]:
+def _recording(seen: list[list[int]]) -> Callable[[list[int]], list[int | Exception]]:
+    """A batch function that records each batch it runs and answers ten times each item."""
+
     def run_batch(items: list[int]) -> list[int | Exception]:
         seen.append(items)
         return [i * 10 for i in items]
 
-    admission = Admission(limit=1, queue=4, wait_s=10)
-    return admission, MicroBatcher(run_batch, admission, max_size=max_size, max_pending=100)
+    return run_batch
 
 
 async def _after_turns(turns: int, then: Awaitable[int]) -> int:
@@ -96,7 +97,8 @@ def test_requests_still_being_read_when_the_first_arrives_join_its_batch(
     seen: list[list[int]] = []
 
     async def scenario() -> None:
-        admission, batcher = _batcher(seen)
+        admission = Admission(limit=1, queue=4, wait_s=10)
+        batcher: MicroBatcher[int, int] = MicroBatcher(_recording(seen), admission, max_size=16, max_pending=100)
         count = 6 if not fallback else batching.FALLBACK_TURNS
         requests = asyncio.gather(*(_after_turns(i, batcher.submit("m", i)) for i in range(count)))
         results = await asyncio.wait_for(requests, 10)  # a batch never cut fails here, not hangs
@@ -127,12 +129,8 @@ def test_a_loop_that_is_never_idle_still_gets_its_batches_and_a_full_one_goes_at
             turns += 1
             await asyncio.sleep(0)
 
-    def run_batch(items: list[int]) -> list[int | Exception]:
-        seen.append(items)
-        return [i * 10 for i in items]
-
     async def scenario() -> None:
-        batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, InlineAdmission(), max_size=2, max_pending=100)  # type: ignore[arg-type]
+        batcher: MicroBatcher[int, int] = MicroBatcher(_recording(seen), InlineAdmission(), max_size=2, max_pending=100)  # type: ignore[arg-type]
         spinner = asyncio.create_task(busy())
         await asyncio.sleep(0)
         start = turns
