@@ -123,8 +123,13 @@ def to_levels(maps: torch.Tensor, scale: Scale, value_range: float) -> Levels:
         hi = torch.full((c,), value_range, dtype=maps.dtype, device=maps.device)
     span = (hi - lo)[:, None, None]
     safe = torch.where(span > 0, span, torch.ones_like(span))
-    x = torch.where(span > 0, (maps - lo[:, None, None]) / safe, torch.zeros_like(maps))
-    levels = (x * 256).floor_().clamp_(0, 255).to(torch.uint8)  # a quarter of float32's bytes cross to the host
+    # The same operations on the same float32 values as `where(span > 0, (maps - lo) / safe, 0) * 256`, in one
+    # copy of the maps and in place after it: where the span is 0 the map is constant and, if finite, v - lo is 0.
+    x = maps - lo[:, None, None]
+    x.div_(safe).mul_(256)
+    if not bool(torch.isfinite(span).all()):  # a map holding inf or NaN: the where, as before
+        x = torch.where(span > 0, x, torch.zeros_like(x))
+    levels = x.floor_().clamp_(0, 255).to(torch.uint8)  # a quarter of float32's bytes cross to the host
     lo_hi = torch.stack([lo, hi]).cpu().tolist()  # one small copy, not two
     return Levels(to_host(levels), lo_hi[0], lo_hi[1])
 
