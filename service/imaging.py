@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -154,10 +155,17 @@ def encode_pngs(images: Sequence[np.ndarray]) -> list[bytes]:
     return list(_ENCODERS.map(encode_png, images))
 
 
+# zlib's fastest level, with the strategy zlib's manual gives for PNG image data (Pillow's `compress_type`): run
+# lengths only. The dog's 12 default maps took 23 against 26 ms and 321 against 378 KB (smaller than level 6's 325
+# KB), its viridis ones 78 against 85 ms and 755 against 846 KB, and a 1024x1024 map of a conv of noise 35 against 50
+# ms, no larger. The pixels are the same either way: PNG is lossless.
+PNG_OPTIONS: dict[str, int] = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+
+
 def encode_png(pixels: np.ndarray) -> bytes:
-    """`(H, W)` or `(H, W, 3)` uint8 -> PNG bytes (fast zlib level: maps are small and sent once)."""
+    """`(H, W)` or `(H, W, 3)` uint8 -> PNG bytes (fast settings: maps are sent once)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(pixels).save(buf, format="PNG", **PNG_OPTIONS)
     return buf.getvalue()
 
 
@@ -201,7 +209,7 @@ def montage(rows: Sequence[MontageRow], max_maps: int = MAX_MONTAGE_MAPS) -> byt
             draw.text((x0, y0 + cell + 2), caption, fill="black", font=font)
         y += height
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", compress_level=1)
+    canvas.save(buf, format="PNG", **PNG_OPTIONS)
     return buf.getvalue()
 
 
