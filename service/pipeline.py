@@ -350,6 +350,8 @@ def run_layer(layer: Layer, x: torch.Tensor) -> torch.Tensor:
         return _run_conv(layer, x)
     if isinstance(layer, Pool):
         stride = layer.size if layer.stride is None else layer.stride
+        if layer.mode == "max" and stride == layer.size and layer.size in _SLICED_MAX_POOL and x.device.type == "cpu":
+            return _max_pool_sliced(x, layer.size)
         pool = F.max_pool2d if layer.mode == "max" else F.avg_pool2d
         return pool(x.unsqueeze(0), layer.size, stride)[0]
     if layer.kind == "relu":
@@ -361,6 +363,24 @@ def run_layer(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     if layer.kind == "tanh":
         return torch.tanh(x)
     return torch.abs(x)
+
+
+_SLICED_MAX_POOL = (2, 3)  # the window sizes (stride = size) where `_max_pool_sliced` is the faster on the CPU
+
+
+def _max_pool_sliced(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`F.max_pool2d(x, k, k)` for `(C, H, W)` on the CPU, as the elementwise maximum of the k x k strided slices
+    that hold each window's first, second... element: the same values (a max is exact; NaN propagates; only the
+    sign of a zero may differ, as it does between torch's own vectorised and scalar loops). ATen's CPU kernel walks
+    each window on its own: on 16x1022x1022 maps and one thread, 2x2 windows took 31 against 115 ms, 3x3 36
+    against 70 ms (4x4: 49 against 54; larger windows gain nothing)."""
+    h, w = x.shape[1] // k, x.shape[2] // k  # a partial last window is dropped, as max_pool2d does
+    out = x[:, 0 : h * k : k, 0 : w * k : k].clone()
+    for dy in range(k):
+        for dx in range(k):
+            if dy or dx:
+                torch.maximum(out, x[:, dy : dy + h * k : k, dx : dx + w * k : k], out=out)
+    return out
 
 
 def _run_conv(layer: Conv, x: torch.Tensor) -> torch.Tensor:

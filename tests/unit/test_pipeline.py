@@ -184,6 +184,26 @@ def test_pool_matches_numpy_in_floor_mode(mode: str, size: int, stride: int | No
     np.testing.assert_allclose(got, ref_pool(x, mode, size, stride or size), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("shape", [(3, 11, 13), (2, 3, 3), (1, 4, 9), (16, 64, 65)])
+def test_max_pools_on_the_cpu_give_max_pool2d_s_values_exactly(size: int, shape: tuple[int, int, int]) -> None:
+    """Non-overlapping 2x2 and 3x3 windows run as a maximum of strided slices: max_pool2d's values, to the bit,
+    with a partial last window dropped, ties, infinities and NaN (which propagates) included."""
+    if shape[1] < size:
+        pytest.skip("the plan refuses a window larger than its input")
+    x = torch.from_numpy(RNG.standard_normal(shape).astype(np.float32))
+    x[0, 0, :2] = 0.5  # ties within a window
+    x[-1, -1, -1] = float("inf")
+    x[0, 1, 1] = float("-inf")
+    x[-1, 0, 0] = float("nan")
+    got = pipeline.run_layer(Pool("max", size), x)
+    want = F.max_pool2d(x.unsqueeze(0), size, size)[0]
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    np.testing.assert_array_equal(got.numpy(), ref_pool(x.numpy(), "max", size, size).astype(np.float32))
+
+
 def test_default_pipeline_reproduces_the_tutorial_notebook_exactly(device: torch.device) -> None:
     """The notebook: cv2 gray /255 -> Conv2d(1, 4, 4, bias=False) with the seed filters -> relu -> MaxPool2d(2, 2)."""
     bgr = cv2.imread(str(DOG))
