@@ -389,7 +389,7 @@ def _run_conv(layer: Conv, x: torch.Tensor) -> torch.Tensor:
     groups: dict[tuple[bool, int, int], list[int]] = {}
     for j, f in enumerate(layer.filters):
         groups.setdefault((f.depthwise, *f.size), []).append(j)
-    pieces: dict[int, torch.Tensor] = {}
+    outputs: list[tuple[list[int], torch.Tensor]] = []
     for (depthwise, kh, kw), idx in groups.items():
         left, right, top, bottom = _conv_padding(layer, kh, kw)
         xp = x.unsqueeze(0)  # (1, C, H, W)
@@ -402,9 +402,12 @@ def _run_conv(layer: Conv, x: torch.Tensor) -> torch.Tensor:
             out = F.conv2d(xp.transpose(0, 1), weight.unsqueeze(1), stride=layer.stride).transpose(0, 1)
         else:
             out = F.conv2d(xp, weight, stride=layer.stride)[0].unsqueeze(1)  # (F, 1, H', W')
-        for k, j in enumerate(idx):
-            pieces[j] = out[k]
-    maps = torch.cat([pieces[j] for j in range(len(layer.filters))])  # filter-major: f0(c0..cn), f1(...)
+        outputs.append((idx, out))
+    if len(outputs) == 1:  # one conv ran every filter, in request order: its output is the stage, not copied again
+        maps = outputs[0][1].flatten(0, 1)  # filter-major: f0(c0..cn), f1(...)
+    else:
+        pieces = {j: out[k] for idx, out in outputs for k, j in enumerate(idx)}
+        maps = torch.cat([pieces[j] for j in range(len(layer.filters))])  # filter-major: f0(c0..cn), f1(...)
     if layer.bias is not None:
         counts = torch.tensor([c if f.depthwise else 1 for f in layer.filters], device=maps.device)
         bias = torch.tensor(layer.bias, dtype=maps.dtype, device=maps.device)

@@ -111,12 +111,22 @@ def test_seed_bank_is_the_tutorials_four_filters() -> None:
         np.testing.assert_array_equal(PRESETS[name].kernel, w)
 
 
-def test_2d_kernels_filter_each_channel_filter_major(device: torch.device) -> None:
+@pytest.mark.parametrize("sizes", ["one conv", "one conv per size"])
+def test_2d_kernels_filter_each_channel_filter_major(sizes: str, device: torch.device) -> None:
     img = RNG.random((3, 9, 11), dtype=np.float32)
-    ka, kb = KERNELS["3x3"], KERNELS["4x4"]
+    ka = KERNELS["3x3"]
+    kb = KERNELS["4x4"] if sizes == "one conv per size" else RNG.standard_normal((3, 3)).astype(np.float32)
     layer = Conv((Filter("a", ka), Filter("b", kb)), padding="same")
     got = run(layer, img, device)
     want = [ref_conv2d(img[c], k, "same", "zeros", 1) for k in (ka, kb) for c in range(3)]
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
+
+
+def test_3d_kernels_alone_are_one_conv_in_request_order(device: torch.device) -> None:
+    img = RNG.random((3, 9, 11), dtype=np.float32)
+    ks = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    got = run(Conv(tuple(Filter(str(i), k) for i, k in enumerate(ks))), img, device)
+    want = [sum(ref_conv2d(img[c], k[c], "valid", "zeros", 1) for c in range(3)) for k in ks]
     np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
 
 
