@@ -42,7 +42,7 @@ class DirectRoute(APIRoute):
         endpoint = self.endpoint
 
         async def handle(request: Request) -> Response:
-            overrides = request.app.dependency_overrides
+            overrides = getattr(request.app, "dependency_overrides", {})  # a FastAPI app's; a Starlette one has none
             for guard in guards:
                 await overrides.get(guard, guard)(request)
             response: Response = await endpoint(request)

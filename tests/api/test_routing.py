@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.testclient import TestClient
+from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, Response
 
 from service.api import predict
@@ -62,6 +63,15 @@ def test_guards_an_inclusion_adds_run_first() -> None:
         assert c.post("/in/x").text == "/in/x"
         assert calls == ["first", "second", "endpoint"]
         assert c.post("/in/x", headers={"X-Deny": "1"}).status_code == 403
+
+
+def test_a_plain_starlette_app_serves_it_without_overrides() -> None:
+    calls.clear()
+    router = APIRouter(dependencies=[Depends(first)])
+    router.add_api_route("/x", endpoint, methods=["POST"], route_class_override=DirectRoute)
+    with TestClient(Starlette(routes=router.routes)) as c:
+        assert c.post("/x").text == "/x"
+    assert calls == ["first", "endpoint"]
 
 
 def test_dependency_overrides_replace_a_guard() -> None:
