@@ -214,6 +214,42 @@ def test_max_pools_on_the_cpu_give_max_pool2d_s_values_exactly(size: int, shape:
     np.testing.assert_array_equal(got.numpy(), ref_pool(x.numpy(), "max", size, size).astype(np.float32))
 
 
+@pytest.mark.parametrize(
+    ("activation", "pool", "pooled_first"),
+    [
+        (Activation("relu"), Pool("max", 2), True),
+        (Activation("relu"), Pool("max", 3, 1), True),
+        (Activation("leaky_relu", negative_slope=0.2), Pool("max", 2), True),
+        (Activation("leaky_relu", negative_slope=-0.5), Pool("max", 2), False),
+        (Activation("relu"), Pool("avg", 2), False),
+        (Activation("abs"), Pool("max", 2), False),
+        (Activation("sigmoid"), Pool("max", 2), False),
+    ],
+)
+def test_an_activation_not_asked_for_runs_after_the_max_pool_it_commutes_with(
+    activation: Activation, pool: Pool, pooled_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = PipelineSpec(layers=(Conv((Filter("a", KERNELS["3x3"]), Filter("b", -KERNELS["3x3"]))), activation, pool))
+    x = torch.from_numpy(RNG.standard_normal((1, 17, 19)).astype(np.float32))
+    every = pipeline.run_pipeline(x, spec, Limits())
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    real = pipeline.run_layer
+
+    def recording(layer: pipeline.Layer, maps: torch.Tensor) -> torch.Tensor:
+        seen.append((layer.op, tuple(maps.shape)))
+        return real(layer, maps)
+
+    monkeypatch.setattr(pipeline, "run_layer", recording)
+    last = pipeline.run_pipeline(x, spec, Limits(), stages=[2])
+    assert [s.plan.index for s in last.stages] == [2]
+    assert torch.equal(last.stages[0].maps, every.stages[2].maps)  # the same values either way
+    order = [op for op, _ in seen]
+    assert order == (["conv", "pool", activation.op] if pooled_first else ["conv", activation.op, "pool"])
+    seen.clear()
+    pipeline.run_pipeline(x, spec, Limits(), stages=[1, 2])  # the activation's maps asked for: in order
+    assert [op for op, _ in seen] == ["conv", activation.op, "pool"]
+
+
 def test_default_pipeline_reproduces_the_tutorial_notebook_exactly(device: torch.device) -> None:
     """The notebook: cv2 gray /255 -> Conv2d(1, 4, 4, bias=False) with the seed filters -> relu -> MaxPool2d(2, 2)."""
     bgr = cv2.imread(str(DOG))
