@@ -461,13 +461,13 @@ def run_pipeline(
     last = max(keep, default=-1)
     kept: dict[int, StageResult] = {}
     x = image
-    pooled_first = -1  # an activation whose maps are not asked for, run after the max pool that follows it
+    pooled_first = -1  # a max pool already run, ahead of the activation before it (whose maps nobody asked for)
     for p, layer in zip(plans[: last + 1], spec.layers, strict=False):
         if p.index == pooled_first:
             continue
         following = spec.layers[p.index + 1] if p.index < last else None
         if p.index not in keep and following is not None and _commutes_with_max_pool(layer, following):
-            x = run_layer(layer, run_layer(following, x))  # on a quarter of the values (2x2), or fewer
+            x = run_layer(layer, run_layer(following, x))  # on the pooled values: a quarter for 2x2 windows
             pooled_first, p = p.index + 1, plans[p.index + 1]
         else:
             x = run_layer(layer, x)
