@@ -40,6 +40,7 @@ from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
 from service.cpus import CPU_CLAIMS_ENV, READY_DIR_ENV, pin_worker, threads_per_slot, worker_processes
+from service.devices import use_ieee_float32
 from service.errors import (
     DeviceUnavailableError,
     FeatureMapError,
@@ -263,6 +264,7 @@ def _on_thread(setup: Callable[[], object], target: Callable[..., None], *args: 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app around `settings` (read from FEATUREMAP_* variables when not given)."""
     tune_allocator()  # first, before the compute threads exist: large buffers are reused, not faulted in anew
+    use_ieee_float32()  # maps and predictions on CUDA agree with the CPU's to float32 rounding
     settings = settings or Settings()
 
     # Each compute thread's torch ops get their share of the cores, so concurrent requests do not oversubscribe

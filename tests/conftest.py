@@ -12,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from service.config import Settings
+from service.devices import use_ieee_float32
 from service.main import create_app
 from service.readiness import Readiness, warm_up
 
@@ -20,6 +21,7 @@ DOG = ROOT / "service" / "samples" / "dog.jpg"
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
+use_ieee_float32()  # as the app does as it starts: the core's tests on CUDA compare with float32 references too
 
 
 @pytest.fixture(scope="session")

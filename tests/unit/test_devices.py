@@ -1,0 +1,47 @@
+"""Devices: resolving a client's `device` field, copying to the host, and float32 kept float32 on CUDA."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.config import Settings
+from service.devices import to_host, use_ieee_float32
+from service.main import create_app
+from tests.conftest import DEVICES
+
+
+@pytest.fixture
+def tf32_on() -> Iterator[None]:
+    """torch's default for cuDNN's convolutions (TF32), and TF32 for matrix products too; restored afterwards
+    (torch's switches are properties of its backend modules, which monkeypatch cannot restore)."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
+@pytest.mark.usefixtures("tf32_on")
+def test_the_app_turns_tensorfloat32_off() -> None:
+    create_app(Settings(warmup=False))
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_convolution_agrees_with_float64_to_float32_rounding(device: str) -> None:
+    # TF32 keeps 10 bits of mantissa: 25 products of values near 1 would be off by about 1e-3, not 1e-6
+    use_ieee_float32()
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 3, 64, 64), dtype=np.float32)
+    w = rng.standard_normal((8, 3, 5, 5)).astype(np.float32)
+    got = to_host(F.conv2d(torch.from_numpy(x).to(device), torch.from_numpy(w).to(device)))
+    want = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double()).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
