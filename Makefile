@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck unit openapi lock clean system-tools
+.PHONY: run test lint typecheck unit openapi lock clean system-tools device-wheels
 
 run: $(VENV)/.runtime-installed
 	$(BIN)/python -m service --host $(HOST) --port $(PORT)
@@ -49,6 +49,19 @@ lock:
 	/tmp/featuremap-lock/bin/pip install -q -r requirements-dev.in
 	{ echo "# Generated from requirements-dev.in by pip freeze in a clean venv; regenerate with: make lock"; \
 	  /tmp/featuremap-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements-dev.txt
+
+# For bench/cuda.py and the CUDA tests on a lent GPU machine (see bench/README.md): wheels, for its Python 3.12, of
+# the packages it lacks (it has torch, numpy, Pillow, safetensors, prometheus-client, tqdm, pytest, hypothesis,
+# SciPy, OpenCV and Matplotlib), at the versions of requirements-dev.txt, into .whl/ (ignored by git, carried there).
+DEVICE_WHEELS := annotated-doc annotated-types anyio click fastapi h11 httpcore2 httptools httpx2 idna opentelemetry-api \
+  orjson pydantic pydantic_core pydantic-settings python-dotenv python-multipart starlette typing-inspection \
+  truststore typing_extensions uvicorn
+device-wheels: | $(VENV)/bin/python
+	rm -rf .whl
+	$(BIN)/pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $$(for p in $(DEVICE_WHEELS); do grep -i "^$$p==" requirements-dev.txt || echo "$$p: no version" >&2; done)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

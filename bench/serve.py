@@ -26,11 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2 as httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -117,6 +118,11 @@ def in_turn(urls: list[str], round_: int, load: Callable[[str], Load]) -> list[L
     return [loads[i] for i in range(len(urls))]
 
 
+# The standard library's HTTP client, so that this module runs where only the service's own packages are installed
+# (a GPU machine for bench/cuda.py); never through a proxy that the environment may name.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class Server:
     """One server process on a free port; waits until `ready_path` answers 200."""
 
@@ -130,9 +136,10 @@ class Server:
         )
         for _ in range(600):
             try:
-                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                with DIRECT.open(self.url + ready_path, timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):  # not listening yet, or not ready (503: an HTTPError)
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"{cmd} did not start; see {self.log.name}")
@@ -306,7 +313,8 @@ def predict_scenarios(args: argparse.Namespace) -> None:
         )
 
 
-def featuremaps_scenarios(args: argparse.Namespace) -> None:
+def featuremap_cases() -> list[tuple[str, bytes, int, dict[str, object]]]:
+    """The issue's /v1/featuremaps requests: (name, image, how many times `--repeats` to run it, spec)."""
     dog = (ROOT / "service" / "samples" / "dog.jpg").read_bytes()
     big = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(big, format="PNG")
@@ -318,7 +326,7 @@ def featuremaps_scenarios(args: argparse.Namespace) -> None:
     }
     # The third member: how many times `--repeats` a case is run. The cases of a fraction of a second, whose tens of
     # milliseconds of HTTP are the most sensitive to the machine's noise, get three times as many pairs.
-    cases = [
+    return [
         ("dog, default pipeline, PNG maps", dog, 3, {}),
         ("1024x1024 RGB, 16 3x3 -> relu -> pool, PNG", big.getvalue(), 1, {**rgb16, "output": {"format": "png"}}),
         (
@@ -334,6 +342,10 @@ def featuremaps_scenarios(args: argparse.Namespace) -> None:
             {**rgb16, "output": {"format": "json", "stages": [2], "tensor_encoding": "base64", "dtype": "float16"}},
         ),
     ]
+
+
+def featuremaps_scenarios(args: argparse.Namespace) -> None:
+    cases = featuremap_cases()
     print(
         f"\n/v1/featuremaps, 1 client: end-to-end over HTTP against the same work in-process, alternated "
         f"{args.repeats} times for the 1024x1024 PNG maps and {3 * args.repeats} for the others (medians); added: the "
