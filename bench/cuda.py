@@ -10,9 +10,9 @@ digit from 16 clients and from 1, by a load generator of this module on keep-ali
 times; it reports how busy it kept its own CPU (well below a whole one, it was not what limited the rate).
 
 Answers must match: maps to one 8-bit level (two float32 computations can round to either side of a level), tensors
-to float32 rounding (float16's for the base64 case), and predictions to 1e-5, with the same label. Exits 2 where
-no CUDA device is visible (nothing measured), 1 when answers differ. `--device cpu` compares the CPU with itself,
-a dry run of every step on a machine without a GPU.
+to 1e-5 of the largest value (float16's rounding on top for the base64 case), and predictions to 1e-5, with the
+same label. Exits 2 where no CUDA device is visible (nothing measured), 1 when answers differ. `--device cpu`
+compares the CPU with itself, a dry run of every step on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -123,6 +123,11 @@ def post_seconds(url: str, body: Path, content_type: str) -> float:
     return time.perf_counter() - start
 
 
+# Two float32 computations of a map agree to rounding, not bit for bit: the sums run in another order, and cuDNN may
+# choose a Winograd or FFT convolution. The CUDA tests hold maps to the CPU's within 1e-5 too.
+FLOAT32_TOLERANCE = 1e-5  # of the largest value in the stage
+
+
 def _levels(png: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.int16)
 
@@ -145,10 +150,12 @@ def compare_featuremaps(want: dict[str, Any], got: dict[str, Any]) -> tuple[bool
         if "data_base64" in a:
             dtype = {"float16": "<f2", "float32": "<f4"}[a["dtype"]]
             x, y = (np.frombuffer(base64.b64decode(s["data_base64"]), dtype).astype(np.float64) for s in (a, b))
-            rtol = 2.0**-10 if a["dtype"] == "float16" else 2.0**-20  # a few units in the last place
+            rtol = FLOAT32_TOLERANCE + (
+                2.0**-10 if a["dtype"] == "float16" else 0
+            )  # float16: one unit in the last place
         else:
             x, y = np.asarray(a["data"], np.float64).ravel(), np.asarray(b["data"], np.float64).ravel()
-            rtol = 2.0**-20
+            rtol = FLOAT32_TOLERANCE
         scale = max(float(np.abs(x).max(initial=0)), 1e-30)
         error = float(np.abs(x - y).max(initial=0)) / scale
         if error > rtol:

@@ -139,7 +139,9 @@ class Server:
                 with DIRECT.open(self.url + ready_path, timeout=1) as answer:
                     if answer.status == 200:
                         return
-            except (urllib.error.URLError, OSError):  # not listening yet, or not ready (503: an HTTPError)
+            except urllib.error.HTTPError as not_ready:  # answered, but not ready yet (503)
+                not_ready.close()
+            except (urllib.error.URLError, OSError):  # not listening yet
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"{cmd} did not start; see {self.log.name}")

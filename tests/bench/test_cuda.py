@@ -45,6 +45,13 @@ NUDGED = VALUES.copy()
 NUDGED[0, 0, 0] = np.nextafter(VALUES[0, 0, 0], np.float32(np.inf))  # one float32 step
 
 
+def bumped(by: float) -> np.ndarray:
+    """VALUES with one value moved by `by` of the largest."""
+    out = VALUES.copy()
+    out[1, 2, 2] += np.float32(by * np.abs(VALUES).max())
+    return out
+
+
 @pytest.mark.parametrize(
     ("want", "got", "same", "says"),
     [
@@ -54,6 +61,8 @@ NUDGED[0, 0, 0] = np.nextafter(VALUES[0, 0, 0], np.float32(np.inf))  # one float
         (maps_answer(LEVELS), maps_answer(LEVELS, LEVELS), False, "stage 0 conv [1, 4, 4] against 0 conv [2, 4, 4]"),
         (maps_answer(LEVELS), {"stages": []}, False, "1 stages against 0"),
         (data_answer(VALUES), data_answer(NUDGED), True, "values within"),
+        (data_answer(VALUES), data_answer(bumped(5e-6)), True, "values within 5.0e-06"),
+        (data_answer(VALUES), data_answer(bumped(2e-5)), False, "values 2.0e-05 of the largest apart"),
         (data_answer(VALUES), data_answer(VALUES * np.float32(1.001)), False, "of the largest apart"),
         (base64_answer(VALUES, "float32"), base64_answer(NUDGED, "float32"), True, "values within"),
         (base64_answer(VALUES, "float16"), base64_answer(VALUES * np.float32(1.0004), "float16"), True, "values"),
