@@ -36,9 +36,13 @@ def use_ieee_float32() -> None:
     lets cuDNN's convolutions round their operands to TF32's 10 mantissa bits (float32 has 23) on Ampere and later
     GPUs, about 5e-4 of each value, so maps and predictions on CUDA would differ from the CPU's from the fourth
     digit, where they should agree to float32 rounding. Process-wide, as torch's switches are; the CPU is unaffected.
+
+    Through the `allow_tf32` switches, which torch reads itself (`torch.backends.cudnn.flags`, used by
+    `torch.export`): setting the newer `fp32_precision` of cuDNN's convolutions alone makes that reading raise, as a
+    mix of the two interfaces.
     """
-    torch.backends.cudnn.conv.fp32_precision = "ieee"  # type: ignore[attr-defined]  # set up at run time by torch
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def to_host(tensor: torch.Tensor) -> np.ndarray:

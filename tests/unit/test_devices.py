@@ -19,20 +19,23 @@ from tests.conftest import DEVICES
 def tf32_on() -> Iterator[None]:
     """torch's default for cuDNN's convolutions (TF32), and TF32 for matrix products too; restored afterwards
     (torch's switches are properties of its backend modules, which monkeypatch cannot restore)."""
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "tf32"
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 @pytest.mark.usefixtures("tf32_on")
 def test_the_app_turns_tensorfloat32_off() -> None:
     create_app(Settings(warmup=False))
-    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cudnn.allow_tf32 is False  # reading it raises where the settings mix torch's two interfaces
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cudnn.conv.fp32_precision in ("ieee", "none")  # "none": float32, from the switch above
+    with torch.backends.cudnn.flags(enabled=False):  # as torch.export does: it reads every switch
+        pass
 
 
 @pytest.mark.parametrize("device", DEVICES)
