@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -270,11 +269,13 @@ class Prediction:
 
 
 class Classifier:
-    """One trained net with its model card; a copy per device, made on first use."""
+    """One trained net with its model card (and its ONNX graph, where the card lists one); a copy per device, made
+    on first use."""
 
-    def __init__(self, name: str, model: nn.Module, card: dict[str, Any]) -> None:
+    def __init__(self, name: str, model: nn.Module, card: dict[str, Any], onnx: bytes | None = None) -> None:
         self.name = name
         self.card = card
+        self.onnx = onnx
         self._models: dict[torch.device, nn.Module] = {torch.device("cpu"): model.eval()}
         self._serving: dict[torch.device, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._lock = threading.Lock()
@@ -290,18 +291,16 @@ class Classifier:
         return model
 
     def serving(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The net as predictions run it on `device`. On the CPU, the CNN's convolutional blocks run through oneDNN
-        (`_onednn`: a few digits with conv and ReLU fused, more in oneDNN's own layout), with the module's labels and
-        its logits within float32 rounding. Otherwise: the module itself."""
+        """The net as predictions run it on `device`: on the CPU, its ONNX graph in ONNX Runtime (`_onnx_runtime`),
+        with the module's labels and its logits within float32 rounding; otherwise, or without a graph, the module.
+        """
         net = self._serving.get(device)
         if net is None:
             module = self.on(device)  # before taking the lock: `on` takes it too
             with self._lock:
                 net = self._serving.get(device)
                 if net is None:
-                    net = module
-                    if device.type == "cpu" and isinstance(module, nets.CNN):
-                        net = _onednn(module) or module
+                    net = _onnx_runtime(self.onnx, module) if device.type == "cpu" and self.onnx else module
                     self._serving[device] = net
         return net
 
@@ -316,133 +315,37 @@ class Classifier:
         return [Prediction(p, d) for p, d in zip(probs, digits, strict=True)]
 
 
-# Up to this many digits, `_fused_blocks` is the faster way through the CNN's blocks; above it, oneDNN's blocked
-# layout (measured on 2 cores, one torch thread: 0.78x the time at 1 digit, 0.82x at 2, 0.97x at 4, 1.12x at 8).
-SMALL_BATCH = 4
+def _onnx_runtime(graph: bytes, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The net's ONNX graph as a function of a float32 batch on the CPU, in ONNX Runtime (torch's module for any
+    other dtype). One call runs the whole net with its kernels chosen and buffers planned once, where the module
+    makes a dozen calls through torch's dispatcher: in a server answering one client, whose other work leaves the
+    caches cold, a lone digit took 0.28-0.35 against 0.78-0.89 ms, 16 digits 1.4-1.7 against 1.8-2.4 ms (64 digits
+    about as long either way). Its threads are torch's on the thread that makes it (a compute thread's share of the
+    cores), and they sleep when idle, as torch's do, rather than spin."""
+    import onnxruntime  # here, not at import: the nets' other users (training, the feature maps) do not need it
 
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its warnings would go to stderr, outside our logs
+    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    [pixels] = [i.name for i in session.get_inputs()]
 
-def _onednn(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """`model` with its conv -> ReLU -> pool blocks run through oneDNN: up to `SMALL_BATCH` digits by
-    `_fused_blocks`; more on oneDNN ("mkldnn") tensors, where the input is converted once and the layers then run
-    on oneDNN's blocked layout without the conversions (or, channels-last, the pooling indices) the module's own
-    path pays for in every layer. The blocked path's logits equal the module's bit for bit on the 10,000 test
-    digits in batches of 1,000; on a 2-core machine a batch of 16 took about half the time of the module run
-    channels-last. None when this build of torch has no oneDNN, or the blocks hold a layer it cannot run."""
-    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
-        return None
-    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
-    for layer in model.features:
-        if isinstance(layer, nn.Conv2d) and layer.bias is not None and layer.padding_mode == "zeros":
-            weight, bias = layer.weight.detach().to_mkldnn(), layer.bias.detach().to_mkldnn()
-            args = (layer.padding, layer.stride, layer.dilation, layer.groups)
-            steps.append(functools.partial(_conv, weight=weight, bias=bias, args=args))
-        elif isinstance(layer, nn.ReLU):
-            steps.append(torch.relu_)  # in place: every step's input is a tensor made in `run`
-        elif isinstance(layer, nn.MaxPool2d) and not layer.return_indices:
-            pool = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode)
-            steps.append(functools.partial(_max_pool, args=pool))
-        else:
-            return None
-
-    small = _fused_blocks(model)
-    head = _inference_head(model)
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        if small is not None and batch.shape[0] <= SMALL_BATCH:
-            return head(small(_normalize(batch)))
-        x = _normalize(batch).to_mkldnn()  # (N, 1, 28, 28), oneDNN layout
-        for step in steps:
-            x = step(x)
-        return head(x.to_dense())  # (N, 64, 3, 3) dense -> (N, 10)
+    def run(batch: torch.Tensor) -> torch.Tensor:  # (N, 1, 28, 28) -> (N, 10) logits
+        if batch.dtype != torch.float32 or batch.requires_grad:
+            logits: torch.Tensor = module(batch)
+            return logits
+        [out] = session.run(None, {pixels: batch.numpy()})
+        return torch.from_numpy(out)
 
     return run
 
 
-_MEAN, _STD = np.float32(nets.MNIST_MEAN), np.float32(nets.MNIST_STD)
-
-
-def _normalize(batch: torch.Tensor) -> torch.Tensor:
-    """`nets.normalize` for the CPU serving path: a float32 batch in numpy, the same values bit for bit (the same
-    IEEE subtraction and division of the same float32 operands) for less than two torch ops' dispatch: in a pinned
-    server answering one client, making and normalising the batch took 33 against 89 µs."""
-    if batch.dtype != torch.float32 or batch.requires_grad:  # numpy would round another dtype's operands differently
-        return nets.normalize(batch)
-    out = np.subtract(batch.numpy(), _MEAN)  # keeps the batch's memory layout
-    np.divide(out, _STD, out=out)
-    return torch.from_numpy(out)
-
-
-def _inference_head(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`model.head` as the serving net runs it (in eval mode, where dropout passes its input through): the same
-    two `F.linear` calls, bit for bit, without `nn.Module`'s call machinery around each of four layers, which
-    cost more than the layers' own work for one digit (66 against 20 µs)."""
-    fc, out = model.fc, model.out
-
-    def run(features: torch.Tensor) -> torch.Tensor:  # (N, 64, 3, 3) -> (N, 10)
-        hidden = torch.relu_(F.linear(features.flatten(1), fc.weight, fc.bias))
-        return F.linear(hidden, out.weight, out.bias)
-
-    return run
-
-
-def _fused_blocks(model: nets.CNN) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The CNN's conv -> ReLU -> pool blocks for a few digits: each conv runs with its ReLU fused in (oneDNN's
-    post-op, the kernel torch's own compiler uses on the CPU) and its weights reordered once, for the layout
-    oneDNN picks for one digit, on channels-last tensors: a lone digit pays for no weight reorder and no separate
-    ReLU (2 to 4 digits may get another layout, and a reorder per call: 0.82x-0.97x, still a gain). The logits are the
-    module's within float32 rounding (8e-6 at most over 2,000 test digits, the same labels). None when this build
-    of torch lacks the ops, or the blocks are not conv (zero padding, bias) -> ReLU -> max pool."""
-    ops = torch.ops.mkldnn
-    if not (hasattr(ops, "_convolution_pointwise") and hasattr(ops, "_reorder_convolution_weight")):
-        return None
-    layers = list(model.features)
-    blocks = [layers[i : i + 3] for i in range(0, len(layers), 3)]
-    convs: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int], int]] = []
-    pools: list[tuple[Any, ...]] = []
-    shape = [1, 1, MNIST_SIZE, MNIST_SIZE]
-    for block in blocks:
-        if len(block) != 3:
-            return None
-        conv, relu, pool = block
-        if not (
-            isinstance(conv, nn.Conv2d)
-            and conv.bias is not None
-            and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple)  # not "same"/"valid"
-            and isinstance(relu, nn.ReLU)
-            and isinstance(pool, nn.MaxPool2d)
-            and not pool.return_indices
-        ):
-            return None
-        padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
-        weight = ops._reorder_convolution_weight(conv.weight.detach(), padding, stride, dilation, conv.groups, shape)
-        convs.append((weight, conv.bias.detach(), padding, stride, dilation, conv.groups))
-        pools.append((pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode))
-        with torch.inference_mode():  # the next block's input shape, for its weights' reorder
-            shape = list(pool(conv(torch.zeros(shape))).shape)
-
-    def run(x: torch.Tensor) -> torch.Tensor:  # (N, 1, 28, 28) -> (N, 64, 3, 3), channels-last
-        x = x.contiguous(memory_format=torch.channels_last)
-        for (weight, bias, padding, stride, dilation, groups), pool in zip(convs, pools, strict=True):
-            x = ops._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, "relu", [None], "")
-            x = F.max_pool2d(x, *pool)
-        return x
-
-    return run
-
-
-def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
-    out: torch.Tensor = torch.mkldnn_convolution(x, weight, bias, *args)
-    return out
-
-
-def _max_pool(x: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
-    out: torch.Tensor = F.max_pool2d(x, *args)
-    return out
-
-
-def load_classifier(name: str, directory: Path = MODELS_DIR) -> Classifier:
-    """Weights (safetensors: no code runs on load) and card; the card's SHA-256 must match the weights."""
+def load_classifier(name: str, directory: Path = MODELS_DIR, graph: bool = True) -> Classifier:
+    """Weights (safetensors: no code runs on load), card, and the ONNX graph the card lists (unless `graph` is
+    False); the card's SHA-256s must match the files."""
     if name not in MODEL_NAMES:  # names never reach the filesystem unchecked
         raise UnknownModelError(f"unknown model {name!r}; models: {', '.join(MODEL_NAMES)}")
     weights = directory / f"mnist-{name}.safetensors"
@@ -456,7 +359,13 @@ def load_classifier(name: str, directory: Path = MODELS_DIR) -> Classifier:
     model = nets.NETS[name](nets.NetConfig(**config))
     model.load_state_dict(load_file(str(weights)), strict=True)
     card["layers"] = layer_table(model)
-    return Classifier(name, model, card)
+    onnx = None
+    if graph and "onnx" in card:  # a card without one (trained before graphs were exported): the module serves
+        path = directory / f"mnist-{name}.onnx"
+        onnx = path.read_bytes()
+        if hashlib.sha256(onnx).hexdigest() != card["onnx"]["sha256"]:
+            raise RuntimeError(f"{path}: SHA-256 does not match its model card")
+    return Classifier(name, model, card, onnx)
 
 
 class Registry:

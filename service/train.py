@@ -1,4 +1,5 @@
-"""Train an MNIST net on the CPU and write its weights and model card: `python -m service.train {mlp,cnn}`.
+"""Train an MNIST net on the CPU and write its weights, its ONNX graph and model card: `python -m service.train
+{mlp,cnn}`; `--export-only` writes the ONNX graph of the weights already there (and its entry in the card).
 
 Deterministic for a given seed and thread count: every random draw (init, shuffling, augmentation, dropout)
 comes from torch's seeded generators, and torch runs in deterministic mode.
@@ -14,6 +15,7 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from service import nets
-from service.classifiers import MODELS_DIR, evaluate, layer_table, to_input
+from service.classifiers import MODELS_DIR, evaluate, layer_table, load_classifier, to_input
 from service.datasets import MNIST_DIR, load_mnist
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -98,8 +100,30 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": model, "history": history, "seconds": time.perf_counter() - started}
 
 
+def export_onnx(model: nn.Module, path: Path) -> dict[str, Any]:
+    """The net in eval mode, normalisation included, as an ONNX graph at `path` (`pixels` (N, 1, 28, 28) float32 in
+    [0, 1] -> `logits` (N, 10)), by torch's exporter (which needs the onnx and onnxscript packages: development
+    requirements, not the service's); its entry for the model card. The same weights give the same bytes."""
+    model = model.eval()
+    with warnings.catch_warnings():  # torch's exporter warns about its own internals (treespec, its registry)
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(
+            model,
+            (torch.zeros(2, 1, 28, 28),),
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamo=True,
+            verbose=False,
+        )
+    assert program is not None
+    program.save(str(path))
+    return {"file": path.name, "format": "onnx", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def write_outputs(args: argparse.Namespace, model: nn.Module, history: list[dict[str, float]], seconds: float) -> Path:
-    """`mnist-{name}.safetensors` (weights + config) and `mnist-{name}.json` (the model card)."""
+    """`mnist-{name}.safetensors` (weights + config), `mnist-{name}.onnx` (the same net as an ONNX graph, which
+    predictions on the CPU run) and `mnist-{name}.json` (the model card)."""
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / f"mnist-{args.name}.safetensors"
     config: nets.NetConfig = model.config  # type: ignore[assignment]
@@ -120,6 +144,7 @@ def write_outputs(args: argparse.Namespace, model: nn.Module, history: list[dict
         "test_accuracy": test_accuracy,
         "test_set": "MNIST t10k, all 10,000 images",
         "weights": {"file": weights.name, "format": "safetensors", "sha256": sha},
+        "onnx": export_onnx(model, args.out / f"mnist-{args.name}.onnx"),
         "training": {
             "command": "python -m service.train " + shlex.join(sys.argv[1:]),
             "seed": args.seed,
@@ -154,6 +179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run-batches", type=int, default=5)
     p.add_argument("--out", type=Path, default=MODELS_DIR)
     p.add_argument("--data", type=Path, default=MNIST_DIR)
+    p.add_argument(
+        "--export-only", action="store_true", help="no training: write the ONNX graph of the weights in --out"
+    )
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.name].items():
         if getattr(args, key) is None:
@@ -161,8 +189,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def export_only(args: argparse.Namespace) -> Path:
+    """The ONNX graph of the weights in `args.out`, and its entry in their model card (nothing else changes)."""
+    card_path: Path = args.out / f"mnist-{args.name}.json"
+    card = json.loads(card_path.read_text())
+    model = load_classifier(args.name, args.out, graph=False).on(torch.device("cpu"))  # a stale graph is no bar
+    card["onnx"] = export_onnx(model, args.out / f"mnist-{args.name}.onnx")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.export_only:
+        print(f"wrote {export_only(args)}")  # noqa: T201 - a CLI
+        return
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         result = train(args)

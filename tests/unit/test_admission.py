@@ -28,9 +28,10 @@ def threads_in_process() -> int:
 
 
 def threads_made_by_a_forward_pass(thread_setup: functools.partial[None] | None) -> int:
-    """Threads this process gained, besides the compute thread itself, from running the CNN's oneDNN path on a
-    new compute thread (counted on that thread, right after the pass)."""
-    serving = classifiers.load_classifier("cnn").serving(torch.device("cpu"))
+    """Threads this process gained, besides the compute thread itself, from running the CNN's module (torch's
+    oneDNN convolutions, as the feature maps' pipeline runs them) on a new compute thread (counted on that thread,
+    right after the pass)."""
+    serving = classifiers.load_classifier("cnn").on(torch.device("cpu"))
     digits = torch.rand(16, 1, 28, 28)
     before = threads_in_process()
     admission = Admission(1, 1, 10, thread_setup)

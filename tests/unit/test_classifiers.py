@@ -18,6 +18,7 @@ from service import classifiers, nets
 from service.classifiers import MODELS_DIR, Preprocessed, preprocess_mnist, preprocess_none
 from service.datasets import MNIST_DIR, DatasetError, load_mnist
 from service.errors import DigitError
+from service.train import export_onnx
 
 RNG = np.random.default_rng(3)
 
@@ -79,11 +80,11 @@ def test_shipped_weights_reproduce_their_cards(name: str, test_set) -> None:  # 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_the_serving_net_labels_every_test_digit_as_the_module_does(name: str, test_set) -> None:  # type: ignore[no-untyped-def]
-    """Predictions run the CNN's blocks through oneDNN on the CPU: same labels, so the card's accuracy holds for
-    what is served; logits within float32 rounding; any batch size gives the same answer."""
+    """Predictions on the CPU run the net's ONNX graph in ONNX Runtime: the module's labels, so the card's accuracy
+    holds for what is served; logits within float32 rounding; any batch size gives the same answer."""
     classifier = classifiers.load_classifier(name)
     module, serving = classifier.on(torch.device("cpu")), classifier.serving(torch.device("cpu"))
-    assert (serving is module) == (name == "mlp")
+    assert serving is not module
     x = classifiers.to_input(test_set.images)
     with torch.inference_mode():
         expected = torch.cat([module(x[i : i + 1000]) for i in range(0, len(x), 1000)])
@@ -94,73 +95,25 @@ def test_the_serving_net_labels_every_test_digit_as_the_module_does(name: str, t
         odd_batch = classifier.probabilities(x[:50])
     torch.testing.assert_close(one_by_one, odd_batch, rtol=0, atol=1e-6)
     torch.testing.assert_close(odd_batch, torch.softmax(expected[:50], dim=1), rtol=0, atol=1e-6)
-    assert classifier.serving(torch.device("cpu")) is serving  # compiled once
+    assert classifier.serving(torch.device("cpu")) is serving  # made once
 
 
-@pytest.mark.parametrize("size", [1, 2, classifiers.SMALL_BATCH, classifiers.SMALL_BATCH + 1])
-def test_small_cnn_batches_take_the_fused_path_with_the_module_s_answers(size: int, test_set) -> None:  # type: ignore[no-untyped-def]
-    """A few digits at a time go through conv+ReLU fused with prepacked weights (`_fused_blocks`), more through
-    oneDNN's layout; either way the labels are the module's and the logits within float32 rounding."""
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_the_shipped_graphs_are_the_exports_of_the_shipped_weights(name: str, tmp_path: Path) -> None:
+    """`models/mnist-{name}.onnx` is what `python -m service.train {name} --export-only` makes of the weights beside
+    it, to the byte, and the card holds its hash: a graph left stale by new weights (or a new exporter) fails here."""
+    module = classifiers.load_classifier(name, graph=False).on(torch.device("cpu"))
+    entry = export_onnx(module, tmp_path / f"mnist-{name}.onnx")
+    assert (tmp_path / f"mnist-{name}.onnx").read_bytes() == (MODELS_DIR / f"mnist-{name}.onnx").read_bytes()
+    assert json.loads((MODELS_DIR / f"mnist-{name}.json").read_text())["onnx"] == entry
+
+
+def test_a_batch_that_needs_gradients_runs_on_the_module() -> None:
     classifier = classifiers.load_classifier("cnn")
-    module, serving = classifier.on(torch.device("cpu")), classifier.serving(torch.device("cpu"))
-    assert isinstance(module, nets.CNN)
-    blocks = classifiers._fused_blocks(module)
-    assert blocks is not None  # this build of torch has the ops: the path below is the one measured
-    x = classifiers.to_input(test_set.images[:400])
-    with torch.inference_mode():
-        expected = module(x)
-        got = torch.cat([serving(x[i : i + size]) for i in range(0, len(x), size)])
-        features = blocks(nets.normalize(x[:size]))
-        fused = module.head(features)
-        blocked = module.head(module.features(nets.normalize(x[:size])))  # what oneDNN's layout gives, bit for bit
-        served = serving(x[:size])
-    assert torch.equal(got.argmax(1), expected.argmax(1))
-    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
-    torch.testing.assert_close(features, module.features(nets.normalize(x[:size])), rtol=0, atol=2e-5)
-    assert not torch.equal(fused, blocked)  # the two paths round differently, so the next line tells them apart
-    assert torch.equal(served, fused if size <= classifiers.SMALL_BATCH else blocked)
-
-
-@pytest.mark.parametrize("size", [1, 3, 16])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_the_serving_head_is_the_module_s_head_bit_for_bit(size: int, layout: torch.memory_format) -> None:
-    """The serving net's head calls the linear layers without their modules: the same numbers, to the bit, for the
-    layouts either path hands it; and a head that skipped or added a step would not be equal."""
-    module = classifiers.load_classifier("cnn").on(torch.device("cpu"))
-    assert isinstance(module, nets.CNN) and not module.training
-    head = classifiers._inference_head(module)
-    features = torch.randn(size, 64, 3, 3, generator=torch.Generator().manual_seed(size))
-    features = features.contiguous(memory_format=layout)
-    with torch.inference_mode():
-        expected = module.head(features)
-        assert torch.equal(head(features), expected)
-        assert not torch.equal(module.out(module.fc(features.flatten(1))), expected)  # the ReLU matters here
-
-
-_LEVELS = torch.arange(256, dtype=torch.float32).div(255).reshape(4, 1, 8, 8)  # every 8-bit level a PNG can give
-_RANDOM = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.mark.parametrize(
-    "batch",
-    [
-        pytest.param(_LEVELS, id="every 8-bit level"),
-        pytest.param(_RANDOM, id="random"),
-        pytest.param(_RANDOM.contiguous(memory_format=torch.channels_last), id="channels-last"),
-        pytest.param(_RANDOM[:, :, ::2, 1::3], id="strided view"),
-        pytest.param(_RANDOM.double(), id="float64 (torch's own path)"),
-        pytest.param(_RANDOM.clone().requires_grad_(), id="requires grad (torch's own path)"),
-    ],
-)
-def test_the_serving_normalisation_is_the_net_s_bit_for_bit(batch: torch.Tensor) -> None:
-    """The CPU serving path standardises a batch in numpy: the values `nets.normalize` gives, to the bit, in the
-    input's dtype and shape; the input is left as it was."""
-    before = batch.detach().clone()
-    got = classifiers._normalize(batch)
-    expected = nets.normalize(batch)
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    assert torch.equal(got.detach(), expected.detach())
-    assert torch.equal(batch.detach(), before)
+    batch = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    got = classifier.serving(torch.device("cpu"))(batch)
+    assert got.requires_grad  # the graph gives none: the module ran, and its answer is the module's to the bit
+    assert torch.equal(got, classifier.on(torch.device("cpu"))(batch))
 
 
 def test_a_resize_to_the_same_size_is_a_copy_in_pillow() -> None:
@@ -187,6 +140,28 @@ def test_the_serving_net_for_another_device_is_made_without_deadlock(name: str) 
     assert not worker.is_alive(), "serving() on a second device never returned: a deadlock"
     assert made == [classifier.on(torch.device("meta"))]
     assert next(classifier.on(torch.device("meta")).parameters()).device.type == "meta"
+
+
+def test_a_card_without_a_graph_serves_the_module_on_the_cpu(tmp_path: Path) -> None:
+    for f in MODELS_DIR.glob("mnist-mlp.*"):
+        shutil.copy(f, tmp_path / f.name)
+    card = json.loads((tmp_path / "mnist-mlp.json").read_text())
+    del card["onnx"]
+    (tmp_path / "mnist-mlp.json").write_text(json.dumps(card))
+    (tmp_path / "mnist-mlp.onnx").unlink()
+    classifier = classifiers.load_classifier("mlp", tmp_path)
+    assert classifier.serving(torch.device("cpu")) is classifier.on(torch.device("cpu"))
+
+
+def test_a_graph_whose_hash_differs_from_the_card_is_refused(tmp_path: Path) -> None:
+    for f in MODELS_DIR.glob("mnist-cnn.*"):
+        shutil.copy(f, tmp_path / f.name)
+    graph = bytearray((tmp_path / "mnist-cnn.onnx").read_bytes())
+    graph[-1] ^= 1
+    (tmp_path / "mnist-cnn.onnx").write_bytes(bytes(graph))
+    with pytest.raises(RuntimeError, match="mnist-cnn.onnx: SHA-256 does not match"):
+        classifiers.load_classifier("cnn", tmp_path)
+    assert classifiers.load_classifier("cnn", tmp_path, graph=False).onnx is None  # what --export-only reads
 
 
 def test_weights_whose_hash_differs_from_the_card_are_refused(tmp_path: Path) -> None:
