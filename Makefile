@@ -51,8 +51,8 @@ lock:
 	  /tmp/featuremap-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements-dev.txt
 
 # For bench/cuda.py and the CUDA tests on a lent GPU machine (see bench/README.md): wheels, for its Python 3.12, of
-# the packages it lacks (it has torch, numpy, Pillow, safetensors, prometheus-client, tqdm, pytest, hypothesis,
-# SciPy, OpenCV and Matplotlib), at the versions of requirements-dev.txt, into .whl/ (ignored by git, carried there).
+# the packages it lacks (it has torch, onnxruntime, numpy, Pillow, safetensors, prometheus-client, tqdm, pytest,
+# hypothesis, SciPy, OpenCV and Matplotlib), at the versions of requirements-dev.txt, into .whl/ (ignored by git).
 DEVICE_WHEELS := annotated-doc annotated-types anyio click fastapi h11 httpcore2 httptools httpx2 idna opentelemetry-api \
   orjson pydantic pydantic_core pydantic-settings python-dotenv python-multipart starlette typing-inspection \
   truststore typing_extensions uvicorn

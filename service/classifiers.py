@@ -317,11 +317,13 @@ class Classifier:
 
 def _onnx_runtime(graph: bytes, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The net's ONNX graph as a function of a float32 batch on the CPU, in ONNX Runtime (torch's module for any
-    other dtype). One call runs the whole net with its kernels chosen and buffers planned once, where the module
-    makes a dozen calls through torch's dispatcher: in a server answering one client, whose other work leaves the
-    caches cold, a lone digit took 0.28-0.35 against 0.78-0.89 ms, 16 digits 1.4-1.7 against 1.8-2.4 ms (64 digits
-    about as long either way). Its threads are torch's on the thread that makes it (a compute thread's share of the
-    cores), and they sleep when idle, as torch's do, rather than spin."""
+    other dtype, or one that needs gradients). One call runs the whole net, its kernels chosen and its buffers
+    planned once, where torch makes a dozen calls through its dispatcher, each slower once a server's other work has
+    left the caches cold: with the caches cleared between calls, a lone digit took 0.28-0.34 against 0.78-0.92 ms
+    for the oneDNN path this replaced, 16 digits 1.4-1.7 against 1.8-2.4 ms, 64 about as long either way; over HTTP
+    a lone client's p50 fell from 1.54 to 1.23 ms and 16 clients got 2,331 against 2,036 req/s (8 alternated rounds).
+    Its threads are torch's on the thread that makes it (a compute thread's share of the cores), and they sleep when
+    idle, as torch's do, rather than spin."""
     import onnxruntime  # here, not at import: the nets' other users (training, the feature maps) do not need it
 
     options = onnxruntime.SessionOptions()

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,20 @@ def test_the_shipped_graphs_are_the_exports_of_the_shipped_weights(name: str, tm
     entry = export_onnx(module, tmp_path / f"mnist-{name}.onnx")
     assert (tmp_path / f"mnist-{name}.onnx").read_bytes() == (MODELS_DIR / f"mnist-{name}.onnx").read_bytes()
     assert json.loads((MODELS_DIR / f"mnist-{name}.json").read_text())["onnx"] == entry
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(lambda x: x.contiguous(memory_format=torch.channels_last), id="channels-last"),
+        pytest.param(lambda x: torch.repeat_interleave(x, 2, dim=2)[:, :, ::2], id="strided view"),
+    ],
+)
+def test_the_graph_takes_a_batch_in_any_layout(layout: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    classifier = classifiers.load_classifier("cnn")
+    batch = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    serving = classifier.serving(torch.device("cpu"))
+    assert torch.equal(serving(layout(batch)), serving(batch))
 
 
 def test_a_batch_that_needs_gradients_runs_on_the_module() -> None:
