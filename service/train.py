@@ -117,6 +117,12 @@ def export_onnx(model: nn.Module, path: Path) -> dict[str, Any]:
             verbose=False,
         )
     assert program is not None
+    # torch records where each node came from (its source's file paths and lines, its FX node): dropped, so that
+    # the same weights give the same bytes in any checkout
+    graph = program.model.graph
+    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+    for holder in [program.model, graph, *graph, *values, *(v for node in graph for v in node.outputs)]:
+        holder.metadata_props.clear()
     program.save(str(path))
     return {"file": path.name, "format": "onnx", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
