@@ -40,7 +40,7 @@ def test_the_app_turns_tensorfloat32_off() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_convolution_agrees_with_float64_to_float32_rounding(device: str) -> None:
-    # TF32 keeps 10 bits of mantissa: 25 products of values near 1 would be off by about 1e-3, not 1e-6
+    # TF32 keeps 10 bits of mantissa: sums of 75 such products would be off by 1e-4 or more of the largest, not 1e-6
     use_ieee_float32()
     rng = np.random.default_rng(0)
     x = rng.random((1, 3, 64, 64), dtype=np.float32)
