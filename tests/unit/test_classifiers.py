@@ -97,6 +97,29 @@ def test_the_serving_net_labels_every_test_digit_as_the_module_does(name: str, t
     torch.testing.assert_close(one_by_one, odd_batch, rtol=0, atol=1e-6)
     torch.testing.assert_close(odd_batch, torch.softmax(expected[:50], dim=1), rtol=0, atol=1e-6)
     assert classifier.serving(torch.device("cpu")) is serving  # made once
+    # What /v1/predict calls: numpy in and out on the CPU, the same probabilities.
+    digits = [classifiers.Preprocessed(pixels, "none", ()) for pixels in x[:50, 0].numpy()]
+    predicted = np.stack([p.probabilities for p in classifier.predict(digits, torch.device("cpu"))])
+    assert predicted.dtype == np.float32
+    np.testing.assert_allclose(predicted, torch.softmax(expected[:50], dim=1).numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "logits",
+    [
+        pytest.param([[0.0] * 10], id="all equal"),
+        pytest.param([[47.0, -30.0, 2.5, 0.0, 1e-3, -1e-3, 12.0, 46.9, -88.0, 3.0]], id="a digit's range"),
+        pytest.param([[1000.0, 999.0] + [-1000.0] * 8], id="large: exp would overflow without the max"),
+        pytest.param([[-1000.0, -999.0] + [-2000.0] * 8], id="all very negative: would underflow"),
+        pytest.param([[1.0] * 10, [5.0] + [0.0] * 9, [0.0] * 9 + [5.0]], id="rows on their own"),
+    ],
+)
+def test_softmax_is_torchs(logits: list[list[float]]) -> None:
+    z = np.array(logits, np.float32)
+    got = classifiers.softmax(z.copy())
+    assert got.dtype == np.float32 and got.shape == z.shape
+    np.testing.assert_allclose(got, torch.softmax(torch.from_numpy(z), dim=1).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.sum(axis=1), 1, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
