@@ -308,14 +308,18 @@ class Classifier:
         """`(N, 1, 28, 28)` in [0, 1] on the device to use -> `(N, 10)` softmax probabilities."""
         return torch.softmax(self.serving(batch.device)(batch), dim=1)
 
-    def predict(self, digits: Sequence[Preprocessed], device: torch.device) -> list[Prediction]:
-        pixels = np.stack([d.pixels for d in digits])[:, None]  # (N, 1, 28, 28) float32
+    def probabilities_of(self, pixels: np.ndarray, device: torch.device) -> np.ndarray:
+        """`(N, 1, 28, 28)` float32 in [0, 1] on the host -> `(N, 10)` float32 softmax probabilities, computed on
+        `device`: how /v1/predict and /v2's inference compute them, so the two agree to the bit. On the CPU, numpy in
+        and out, no torch call on the busiest path (see `OnnxNet.logits`)."""
         net = self.serving(device)
-        if isinstance(net, OnnxNet):  # numpy in and out: no torch call on the busiest path (see `OnnxNet.logits`)
-            probs = softmax(net.logits(pixels))
-        else:
-            with torch.inference_mode():
-                probs = self.probabilities(torch.from_numpy(pixels).to(device)).cpu().numpy()
+        if isinstance(net, OnnxNet):
+            return softmax(net.logits(pixels))
+        with torch.inference_mode():
+            return self.probabilities(torch.from_numpy(pixels).to(device)).cpu().numpy()
+
+    def predict(self, digits: Sequence[Preprocessed], device: torch.device) -> list[Prediction]:
+        probs = self.probabilities_of(np.stack([d.pixels for d in digits])[:, None], device)
         return [Prediction(p, d) for p, d in zip(probs, digits, strict=True)]
 
 

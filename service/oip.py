@@ -299,6 +299,6 @@ def wants_binary(outputs: Sequence[OutputRequest] | None, parameters: Mapping[st
 
 
 def probabilities(classifier: Classifier, batch: torch.Tensor, device: torch.device) -> np.ndarray:
-    """`(N, 1, 28, 28)` float32 in [0, 1] -> `(N, 10)` float32 softmax probabilities, computed on `device`."""
-    with torch.inference_mode():
-        return classifier.probabilities(batch.to(device)).cpu().numpy()
+    """`(N, 1, 28, 28)` float32 in [0, 1] -> `(N, 10)` float32 softmax probabilities, computed on `device`, as
+    /v1/predict computes them."""
+    return classifier.probabilities_of(batch.numpy(), device)

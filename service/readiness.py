@@ -97,7 +97,7 @@ def warm_up(readiness: Readiness, registry: Registry, models_dir: Path) -> None:
                 pipeline.run_pipeline(torch.rand(1, 64, 64, device=device), pipeline.PipelineSpec(), pipeline.Limits())
                 for model in registry.names():
                     for size in (1, 16):  # a lone digit, and a batch as concurrent predictions make
-                        registry.get(model).probabilities(torch.rand(size, 1, 28, 28, device=device))
+                        registry.get(model).probabilities_of(torch.rand(size, 1, 28, 28).numpy(), device)  # as served
     except Exception:  # a failed warm-up must not keep the service down: requests will pay the cost instead
         log.exception("warm-up failed; serving without it")
     # The hundreds of thousands of objects made so far (torch, the app, the models) live as long as the process:
