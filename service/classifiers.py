@@ -443,7 +443,7 @@ def cnn_featuremaps(
         for layer in layers:
             h = layer(h)
             outputs.append(h[0])
-        probs = torch.softmax(model(x), dim=1)[0].cpu().numpy()
+    [probs] = classifier.probabilities_of(digit.pixels[None, None], device)  # /v1/predict's answer, to the bit
     results = []
     conv_count = 0
     names: list[str] = []
