@@ -324,7 +324,9 @@ class Classifier:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Each row's softmax, as `torch.softmax` computes it: the row's maximum subtracted, exp, divided by the sum."""
+    """Each row's softmax, in `torch.softmax`'s steps (the row's maximum subtracted, exp, divided by the sum), so
+    within float32 rounding of it, not always to the bit: which is why every route computes its probabilities
+    through `Classifier.probabilities_of`."""
     e: np.ndarray = np.exp(logits - logits.max(axis=1, keepdims=True))
     e /= e.sum(axis=1, keepdims=True)
     return e
