@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe v2) for the MNIST models, without HTTP: the binary tensor extension's
 framing, the one input tensor checked and decoded (JSON numbers or raw little-endian bytes), the requested
-outputs, and the forward pass. The router parses the JSON header into these dataclasses and frames the answer."""
+outputs. The router parses the JSON header into these dataclasses and frames the answer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.classifiers import MNIST_SIZE, Classifier, to_input
+from service.classifiers import MNIST_SIZE, to_input
 from service.errors import InferenceRequestError, LimitExceededError, Loc, UnsupportedMediaError
 
 INPUT = "input"
@@ -296,9 +296,3 @@ def wants_binary(outputs: Sequence[OutputRequest] | None, parameters: Mapping[st
         own = _flag(output.parameters, "binary_data", (*loc, "parameters"))
         binary = own if own is not None else binary
     return bool(binary)
-
-
-def probabilities(classifier: Classifier, batch: torch.Tensor, device: torch.device) -> np.ndarray:
-    """`(N, 1, 28, 28)` float32 in [0, 1] -> `(N, 10)` float32 softmax probabilities, computed on `device`, as
-    /v1/predict computes them."""
-    return classifier.probabilities_of(batch.numpy(), device)

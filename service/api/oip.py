@@ -313,7 +313,7 @@ def _run_inference(
     outputs = [oip.OutputRequest(o.name, o.parameters or {}) for o in request.outputs or ()]
     batch = oip.read_input(inputs, binary, settings.max_batch)
     binary_output = oip.wants_binary(outputs, request.parameters or {})
-    probabilities = oip.probabilities(classifier, batch, resolve_device("auto"))
+    probabilities = classifier.probabilities_of(batch.numpy(), resolve_device("auto"))  # as /v1/predict's
     head: dict[str, Any] = {"model_name": classifier.name, "model_version": oip.VERSION}
     if request.id is not None:
         head["id"] = request.id
