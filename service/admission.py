@@ -32,6 +32,11 @@ class Admission:
         # `thread_setup` runs once on each compute thread as it starts (per-thread settings, such as OpenMP's).
         self._executor = ThreadPoolExecutor(limit, thread_name_prefix="compute", initializer=thread_setup)
 
+    @property
+    def idle(self) -> bool:
+        """No work holds a slot or waits for one."""
+        return self.active == 0 and self.waiting == 0
+
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on a compute thread once a slot is free; OverloadedError when none comes in time."""
         await self._acquire()

@@ -5,6 +5,10 @@ a turn of the loop, and batching costs no latency at low load and saves per-call
 
 Each item's outcome is its own: `run_batch` returns one result or one exception per item, in order, so a bad
 input fails only its own request.
+
+A batch of one item that `inline(item)` accepts, cut while no compute runs, runs on the event loop's own thread:
+nothing else is waiting for the loop then, and the hand-over to a compute thread and back (a wake-up each way) is
+most of what the loop would have done meanwhile.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ class MicroBatcher(Generic[Item, Result]):
         admission: Admission,
         max_size: int,
         max_pending: int,
+        inline: Callable[[Item], bool] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.admission = admission
+        self.inline = inline  # whether a lone item may run on the loop (see the module's docstring)
         self.max_size = max_size
         self.max_pending = max_pending  # items waiting per key before new ones are refused (503)
         self._pending: dict[Hashable, deque[tuple[Item, asyncio.Future[Result]]]] = {}
@@ -72,7 +78,10 @@ class MicroBatcher(Generic[Item, Result]):
                     continue
                 self.batch_sizes.append(len(live))
                 try:
-                    results = await self.admission.run(self.run_batch, [item for item, _ in live])
+                    if len(live) == 1 and self._runs_inline(live[0][0]):
+                        results = self.run_batch([live[0][0]])
+                    else:
+                        results = await self.admission.run(self.run_batch, [item for item, _ in live])
                 except Exception as e:  # the whole batch failed (overload, a bug): each request hears of it
                     results = [e] * len(live)
                 for (_, fut), result in zip(live, results, strict=True):
@@ -87,6 +96,9 @@ class MicroBatcher(Generic[Item, Result]):
             task = asyncio.current_task()
             if queue and not (task and task.cancelling()):  # items that came while this worker was ending
                 self._workers[key] = asyncio.create_task(self._drain(key))
+
+    def _runs_inline(self, item: Item) -> bool:
+        return self.inline is not None and self.admission.idle and self.inline(item)
 
     async def _until_loop_idle(self, queue: deque[tuple[Item, asyncio.Future[Result]]]) -> None:
         """Let the event loop run what is ready before a batch is cut, turn by turn, until a turn leaves nothing

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,18 @@ Scale = Literal["per_map", "per_stage", "none"]
 # Our own pixel limit (checked from the header, before decoding) replaces Pillow's global one, whose
 # warning would otherwise fire from the decoder for large but allowed images.
 Image.MAX_IMAGE_PIXELS = None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """A PNG's width and height, read from its IHDR chunk (which the PNG specification puts first, right after the
+    signature) without Pillow's format detection; None for bytes that do not start as a PNG does."""
+    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -281,7 +281,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     admission = Admission(settings.compute_slots, settings.max_queue, settings.queue_wait_s, use_torch_threads)
     metrics = Metrics(admission)
     max_pending = max(settings.max_queue, 1) * settings.batch_max_size
-    batcher = MicroBatcher(predict.predict_many, admission, settings.batch_max_size, max_pending)
+
+    def lone_and_light(job: predict.PredictJob) -> bool:  # a lone light prediction runs on the loop (batching)
+        return metrics.requests_in_flight == 1 and predict.is_light(job)
+
+    batcher = MicroBatcher(predict.predict_many, admission, settings.batch_max_size, max_pending, lone_and_light)
     responses = ByteBudget(settings.max_response_bytes_in_flight, "responses waiting to be sent", "responses")
 
     @asynccontextmanager

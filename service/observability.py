@@ -97,6 +97,7 @@ class Metrics:
         )
         gauge = functools.partial(Gauge, registry=self.registry, multiprocess_mode="livesum")
         self.in_flight = gauge("featuremap_requests_in_flight", "Requests being answered")
+        self.requests_in_flight = 0  # this worker's, as a plain int for the loop to read (see `service.batching`)
         queue = gauge("featuremap_compute_queue_depth", "Requests waiting for a compute slot")
         active = gauge("featuremap_compute_active", "Requests holding a compute slot")
         if self.multiprocess:  # other workers cannot call this one's functions: each writes its counts as they change
@@ -207,9 +208,11 @@ class RequestContextMiddleware:
             await send(message)
 
         self.metrics.in_flight.inc()
+        self.metrics.requests_in_flight += 1
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            self.metrics.requests_in_flight -= 1
             self.metrics.in_flight.dec()
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"

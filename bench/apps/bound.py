@@ -1,8 +1,9 @@
 """A yardstick for one client, not a way to serve: the framework floor's endpoint plus this service's own work for
 the same upload (decode and MNIST preprocessing, the CNN's serving forward pass on one torch thread, the same JSON
 answer), run inline on the event loop. No compute thread, middleware, batching, request id, log line or metric:
-what a lone client waits for when a server does this work and nothing else. Inline torch work blocks every other
-request, which is why the service runs it on a compute thread; its 16-client figure is one CPU's worth."""
+what a lone client waits for when a server does this work and nothing else. Inline work blocks every other
+request, which is why the service runs it inline only for a lone light prediction (see `service.batching`) and on a
+compute thread otherwise; its 16-client figure is one CPU's worth."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager

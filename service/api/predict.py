@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service import classifiers
+from service import classifiers, imaging
 from service.api import render
 from service.api.deps import ApiKeyDep, PredictPayload, get_runtime, read_predict_payload
 from service.api.docs import image_request_body, problem_responses
@@ -79,6 +79,27 @@ def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:
             continue
         results.append(render.digit_prediction(next(predictions), payload.options, PredictResponse, **where))
     return results
+
+
+# A lone prediction whose input is at most this big may run on the event loop (`MicroBatcher`'s `inline`): 28x28
+# pixel values, or a PNG of at most 64x64 pixels in at most 16 KiB. The most such a file's decoding and MNIST
+# preprocessing took here was 1.0 ms (64x64 RGBA noise; a zTXt chunk that inflates to 16 MB: Pillow stops at
+# 1 MB), where a 28x28 digit took 0.17 ms; a 256x256 one took 3-6 ms, and goes to a compute thread.
+INLINE_MAX_BYTES = 16 * 1024
+INLINE_MAX_PIXELS = 64 * 64
+
+
+def is_light(job: PredictJob) -> bool:
+    """Whether a single-digit job is small enough to run on the event loop: pixel values or a small PNG, on the
+    CPU (a GPU's work stays on the compute threads, where its streams and contexts live)."""
+    payload = job[0]
+    [(_, value)] = payload.inputs
+    if resolve_device(payload.options.device).type != "cpu":
+        return False
+    if not isinstance(value, bytes):
+        return True  # 28x28 values: their JSON, parsed on the loop already, was the larger work
+    size = imaging.png_size(value)
+    return len(value) <= INLINE_MAX_BYTES and size is not None and size[0] * size[1] <= INLINE_MAX_PIXELS
 
 
 def _predict(

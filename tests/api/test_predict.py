@@ -9,12 +9,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service import classifiers
+from service.api import predict
+from service.api.deps import PredictPayload
 from service.config import Settings
 from service.datasets import load_mnist
 from service.main import create_app
+from service.schemas import PredictOptions
 from tests.api.test_errors import assert_problem
 from tests.conftest import make_client
 
@@ -377,3 +382,72 @@ def test_batching_can_be_turned_off() -> None:
         r = c.post("/v1/predict", json={"image": B64[0]})
         assert r.status_code == 200 and r.json()["label"] == LABELS[0]
         assert not c.app_state["batcher"].batch_sizes
+
+
+def _png(size: tuple[int, int], mode: str = "L") -> bytes:
+    return as_png_of(Image.fromarray(np.resize(TEST.images[0], size[::-1]), "L").convert(mode))
+
+
+def as_png_of(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+NOISE_64 = as_png_of(Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA"))
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "on_loop"),
+    [
+        ({"files": {"image": ("d.png", as_png(TEST.images[0]))}}, True),  # a 28x28 PNG digit
+        ({"files": {"image": ("d.png", _png((64, 64), "RGBA"))}}, True),
+        ({"json": {"pixels": TEST.images[0].tolist()}}, True),
+        ({"files": {"image": ("d.png", _png((65, 64)))}}, False),  # over 64x64 pixels
+        ({"files": {"image": ("d.png", DRAWN[0])}}, False),  # 224x224
+        ({"files": {"image": ("d.png", NOISE_64)}}, False),  # 64x64, but over 16 KiB
+        ({"files": {"image": ("d.jpg", as_png_of(Image.fromarray(TEST.images[0]), "JPEG"))}}, False),
+        ({"files": {"image": ("d.png", as_png(TEST.images[0]))}, "data": {"device": "cuda"}}, None),  # no CUDA: 4xx
+    ],
+    ids=["28x28 png", "64x64 rgba png", "pixels", "65x64 png", "224x224 png", "64x64 png over 16 KiB", "jpeg", "cuda"],
+)
+def test_a_lone_light_prediction_runs_on_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, request_kwargs: dict[str, Any], on_loop: bool | None
+) -> None:
+    """While it is the worker's only request, a small PNG or pixel values are predicted on the loop's own thread
+    (no hand-over to a compute thread and back); larger inputs, other formats, and a second request in flight
+    (simulated by the count) go to a compute thread. Both ways give the same answer."""
+    if on_loop is None and torch.cuda.is_available():
+        pytest.skip("tests the CPU-only machine's answer to a CUDA request")
+    assert len(NOISE_64) > predict.INLINE_MAX_BYTES
+    threads: list[str] = []
+    prepare = classifiers.prepare_digit
+
+    def recorded(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return prepare(*args)
+
+    monkeypatch.setattr(classifiers, "prepare_digit", recorded)
+    metrics = client.app_state["metrics"]
+    lone = client.post("/v1/predict", **request_kwargs)
+    metrics.requests_in_flight += 1  # as if another request were being read or answered
+    try:
+        accompanied = client.post("/v1/predict", **request_kwargs)
+    finally:
+        metrics.requests_in_flight -= 1
+    assert lone.status_code == accompanied.status_code and lone.json() == accompanied.json()
+    if on_loop is None:
+        assert_problem(lone, 422, "device-unavailable", None, "device 'cuda' is not available")
+        return
+    assert lone.status_code == 200, lone.text
+    assert [name.startswith("compute") for name in threads] == [not on_loop, True]
+
+
+def test_a_gpu_prediction_never_runs_on_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine, where "auto" means CUDA, a small digit still goes to a compute thread."""
+    digit = as_png(TEST.images[0])
+    payload = PredictPayload(PredictOptions(), [(("image",), digit)], batch=False)
+    job = (payload, client.app_state["registry"].get("cnn"), client.app_state["settings"])
+    assert predict.is_light(job)
+    monkeypatch.setattr(predict, "resolve_device", lambda name: torch.device("cuda"))
+    assert not predict.is_light(job)

@@ -143,3 +143,79 @@ def test_a_loop_that_is_never_idle_still_gets_its_batches_and_a_full_one_goes_at
         spinner.cancel()
 
     asyncio.run(scenario())
+
+
+class Refused(Exception):
+    """What the `inline` check below raises for item -1."""
+
+
+def _inline_check(item: int) -> bool:
+    if item < 0:
+        raise Refused(f"no inline for {item}")
+    return item % 2 == 0  # even items may run on the loop
+
+
+@pytest.mark.parametrize(
+    ("inline", "busy", "items", "on_loop"),
+    [
+        (None, False, [2], False),  # no check given: always a compute thread
+        (_inline_check, False, [2], True),  # a lone item the check accepts, nothing computing: the loop
+        (_inline_check, False, [3], False),  # the check refuses it
+        (_inline_check, True, [2], False),  # another batch holds the compute slot
+        (_inline_check, False, [2, 4], False),  # two items: a batch, on a compute thread
+    ],
+    ids=["no check", "lone and accepted", "refused", "compute busy", "two items"],
+)
+def test_a_lone_item_that_inline_accepts_runs_on_the_loop_while_no_compute_runs(
+    inline: Callable[[int], bool] | None, busy: bool, items: list[int], on_loop: bool
+) -> None:
+    threads: dict[int, int] = {}
+    gate = threading.Event()
+
+    def run_batch(batch: list[int]) -> list[int | Exception]:
+        for i in batch:
+            threads[i] = threading.get_ident()
+        if batch == [99]:
+            gate.wait(10)
+        return [i * 10 for i in batch]
+
+    async def scenario() -> None:
+        admission = Admission(limit=1, queue=4, wait_s=10)
+        batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, admission, 16, 100, inline)
+        holder = asyncio.create_task(admission.run(run_batch, [99])) if busy else None
+        await asyncio.sleep(0.05)  # the holder (when busy) has the only slot
+        assert admission.idle is not busy
+        if holder is not None:
+            asyncio.get_running_loop().call_later(0.05, gate.set)
+        assert await asyncio.wait_for(asyncio.gather(*(batcher.submit("m", i) for i in items)), 10) == [
+            i * 10 for i in items
+        ]
+        assert [threads[i] == threading.get_ident() for i in items] == [on_loop] * len(items)
+        assert list(batcher.batch_sizes) == [len(items)]  # one batch either way
+        if holder is not None:
+            assert await holder == [990]
+        admission.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_inline_item_fails_alone_and_the_batcher_goes_on() -> None:
+    """The inline check raising, or the batch function raising on the loop, fails that item's request only."""
+
+    def run_batch(batch: list[int]) -> list[int | Exception]:
+        if batch == [4]:
+            raise RuntimeError("a bug in the batch function")
+        return [i * 10 for i in batch]
+
+    async def scenario() -> None:
+        admission = Admission(limit=1, queue=4, wait_s=10)
+        batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, admission, 16, 100, _inline_check)
+        with pytest.raises(Refused, match="no inline for -1"):
+            await asyncio.wait_for(batcher.submit("m", -1), 10)
+        with pytest.raises(RuntimeError, match="a bug"):
+            await asyncio.wait_for(batcher.submit("m", 4), 10)
+        assert await asyncio.wait_for(batcher.submit("m", 2), 10) == 20
+        assert admission.idle
+        admission.close()
+
+    asyncio.run(scenario())

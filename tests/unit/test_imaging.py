@@ -137,6 +137,38 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
         imaging.decode_image(bomb, 16_000_000)
 
 
+@pytest.mark.parametrize(
+    "img",
+    [
+        Image.new("L", (28, 28)),
+        Image.new("RGBA", (64, 3)),
+        RGB,
+        Image.new("I;16", (300, 1)),
+        Image.new("1", (1, 70000)),
+    ],
+    ids=["28x28 gray", "64x3 rgba", "10x12 rgb", "300x1 16-bit", "1x70000 bilevel"],
+)
+def test_png_size_reads_the_size_pillow_reads(img: Image.Image) -> None:
+    data = encoded(img, "PNG")
+    assert imaging.png_size(data) == Image.open(io.BytesIO(data)).size == img.size
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        encoded(RGB, "PNG")[:23],  # cut within the IHDR's size
+        encoded(RGB, "JPEG"),
+        encoded(RGB, "BMP"),
+        b"\x89PNG\r\n\x1a\n" + encoded(RGB, "PNG")[8:12] + b"tEXt" + encoded(RGB, "PNG")[16:],  # IHDR not first
+        b"\x88" + encoded(RGB, "PNG")[1:],  # a signature off by one bit
+    ],
+    ids=["empty", "truncated", "jpeg", "bmp", "another chunk first", "bad signature"],
+)
+def test_png_size_is_none_for_what_does_not_start_as_a_png(data: bytes) -> None:
+    assert imaging.png_size(data) is None
+
+
 @pytest.mark.parametrize("colormap", COLORMAPS)
 def test_levels_and_colormaps_match_matplotlib_imshow(colormap: str) -> None:
     maps = torch.from_numpy(RNG.standard_normal((3, 17, 19)).astype(np.float32))
