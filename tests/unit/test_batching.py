@@ -162,11 +162,11 @@ def _inline_check(item: int) -> bool:
         (_inline_check, False, [2], True),  # a lone item the check accepts, nothing computing: the loop
         (_inline_check, False, [3], False),  # the check refuses it
         (_inline_check, True, [2], False),  # another batch holds the compute slot
-        (_inline_check, False, [2, 4], False),  # two items: a batch, on a compute thread
+        (_inline_check, False, [3, 4], False),  # 4 is accepted, but joins 3, which waits for its batch
     ],
-    ids=["no check", "lone and accepted", "refused", "compute busy", "two items"],
+    ids=["no check", "lone and accepted", "refused", "compute busy", "joins a waiting item"],
 )
-def test_a_lone_item_that_inline_accepts_runs_on_the_loop_while_no_compute_runs(
+def test_an_item_that_inline_accepts_runs_at_once_on_the_loop_while_nothing_else_is_batched_or_computed(
     inline: Callable[[int], bool] | None, busy: bool, items: list[int], on_loop: bool
 ) -> None:
     threads: dict[int, int] = {}
@@ -191,7 +191,7 @@ def test_a_lone_item_that_inline_accepts_runs_on_the_loop_while_no_compute_runs(
             i * 10 for i in items
         ]
         assert [threads[i] == threading.get_ident() for i in items] == [on_loop] * len(items)
-        assert list(batcher.batch_sizes) == [len(items)]  # one batch either way
+        assert list(batcher.batch_sizes) == [len(items)]  # one batch either way, in order
         if holder is not None:
             assert await holder == [990]
         admission.close()
@@ -200,12 +200,13 @@ def test_a_lone_item_that_inline_accepts_runs_on_the_loop_while_no_compute_runs(
 
 
 def test_an_inline_item_fails_alone_and_the_batcher_goes_on() -> None:
-    """The inline check raising, or the batch function raising on the loop, fails that item's request only."""
+    """The inline check raising, the batch function raising on the loop, or its answer for the item being an
+    exception (a client's bad input), fails that item's request only."""
 
     def run_batch(batch: list[int]) -> list[int | Exception]:
         if batch == [4]:
             raise RuntimeError("a bug in the batch function")
-        return [i * 10 for i in batch]
+        return [ValueError(f"bad {i}") if i == 6 else i * 10 for i in batch]
 
     async def scenario() -> None:
         admission = Admission(limit=1, queue=4, wait_s=10)
@@ -214,6 +215,8 @@ def test_an_inline_item_fails_alone_and_the_batcher_goes_on() -> None:
             await asyncio.wait_for(batcher.submit("m", -1), 10)
         with pytest.raises(RuntimeError, match="a bug"):
             await asyncio.wait_for(batcher.submit("m", 4), 10)
+        with pytest.raises(ValueError, match="bad 6"):
+            await asyncio.wait_for(batcher.submit("m", 6), 10)
         assert await asyncio.wait_for(batcher.submit("m", 2), 10) == 20
         assert admission.idle
         admission.close()
