@@ -13,6 +13,7 @@ from service.api import render
 from service.api.deps import ApiKeyDep, PredictPayload, get_runtime, read_predict_payload
 from service.api.docs import image_request_body, problem_responses
 from service.api.routing import DirectRoute
+from service.classifiers import MNIST_SIZE
 from service.config import Settings
 from service.devices import resolve_device
 from service.schemas import ONE_PIXELS, BatchPredictResponse, DigitPrediction, PredictOptions, PredictResponse
@@ -96,8 +97,8 @@ def is_light(job: PredictJob) -> bool:
     [(_, value)] = payload.inputs
     if resolve_device(payload.options.device).type != "cpu":
         return False
-    if not isinstance(value, bytes):
-        return True  # 28x28 values: their JSON, parsed on the loop already, was the larger work
+    if not isinstance(value, bytes):  # 28x28 values (the rest are refused, on a compute thread)
+        return len(value) == MNIST_SIZE and all(len(row) == MNIST_SIZE for row in value)
     size = imaging.png_size(value)
     return len(value) <= INLINE_MAX_BYTES and size is not None and size[0] * size[1] <= INLINE_MAX_PIXELS
 

@@ -403,13 +403,24 @@ NOISE_64 = as_png_of(Image.fromarray(np.random.default_rng(3).integers(0, 256, (
         ({"files": {"image": ("d.png", as_png(TEST.images[0]))}}, True),  # a 28x28 PNG digit
         ({"files": {"image": ("d.png", _png((64, 64), "RGBA"))}}, True),
         ({"json": {"pixels": TEST.images[0].tolist()}}, True),
+        ({"json": {"pixels": [[0] * 28] * 27 + [[0] * 29]}}, False),  # not 28x28: refused, on a compute thread
         ({"files": {"image": ("d.png", _png((65, 64)))}}, False),  # over 64x64 pixels
         ({"files": {"image": ("d.png", DRAWN[0])}}, False),  # 224x224
         ({"files": {"image": ("d.png", NOISE_64)}}, False),  # 64x64, but over 16 KiB
         ({"files": {"image": ("d.jpg", as_png_of(Image.fromarray(TEST.images[0]), "JPEG"))}}, False),
         ({"files": {"image": ("d.png", as_png(TEST.images[0]))}, "data": {"device": "cuda"}}, None),  # no CUDA: 4xx
     ],
-    ids=["28x28 png", "64x64 rgba png", "pixels", "65x64 png", "224x224 png", "64x64 png over 16 KiB", "jpeg", "cuda"],
+    ids=[
+        "28x28 png",
+        "64x64 rgba png",
+        "pixels",
+        "pixels 28+1",
+        "65x64 png",
+        "224x224 png",
+        "64x64 png over 16 KiB",
+        "jpeg",
+        "cuda",
+    ],
 )
 def test_a_lone_light_prediction_runs_on_the_event_loop(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, request_kwargs: dict[str, Any], on_loop: bool | None
@@ -439,7 +450,10 @@ def test_a_lone_light_prediction_runs_on_the_event_loop(
     if on_loop is None:
         assert_problem(lone, 422, "device-unavailable", None, "device 'cuda' is not available")
         return
-    assert lone.status_code == 200, lone.text
+    if "pixels" in request_kwargs.get("json", {}) and not on_loop:
+        assert_problem(lone, 422, "invalid-digit", "pixels", "28 rows of 28")
+    else:
+        assert lone.status_code == 200, lone.text
     assert [name.startswith("compute") for name in threads] == [not on_loop, True]
 
 
