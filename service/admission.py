@@ -1,4 +1,5 @@
-"""Admission control for compute: a dedicated pool of `limit` long-lived threads runs the torch work; at most
+"""Admission control for compute: a dedicated pool of `limit` long-lived threads runs the torch work (all but a
+lone light prediction's, which `service.batching` runs on the event loop while this pool is `idle`); at most
 `queue` requests wait for one, each for at most `wait_s`; beyond that a request is refused at once
 (backpressure, not collapse). Long-lived threads keep torch's per-thread state, and memory, bounded. And for
 memory: `ByteBudget` bounds the bytes a worker holds at once over all its requests (bodies, responses)."""

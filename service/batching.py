@@ -1,16 +1,18 @@
 """Dynamic micro-batching: requests for the same model and device that arrive while one batch computes are
 run together as the next batch, up to `max_size`. Nothing waits for a batch to fill or on a timer: a batch is cut
 once the event loop has run what was ready (requests it was still reading join it), so a lone request runs after
-a turn of the loop, and batching costs no latency at low load and saves per-call overhead at high load.
+a turn of the loop (on the loop itself, when light: see below), and batching costs no latency at low load and saves
+per-call overhead at high load.
 
 Each item's outcome is its own: `run_batch` returns one result or one exception per item, in order, so a bad
 input fails only its own request.
 
-An item that `inline(item)` accepts, submitted while no item for its key waits or is being batched and no compute
-runs, runs at once on the event loop's own thread, as a batch of one: the service accepts a prediction only while it
-is the worker's only request (see `service.main`), so nothing else wants the loop then, and the hand-over to a
-compute thread and back (a wake-up each way), and the loop's turns before a batch is cut, were most of what the loop
-would have done meanwhile.
+A batch of one item that `inline(item)` accepts, cut while no compute runs, runs on the event loop's own thread.
+The service accepts a prediction only while it is the worker's only request in flight (see `service.main`), and only
+once the batch is cut: by then the loop has read whatever other requests had come, which are in flight, and the
+hand-over to a compute thread and back (a wake-up each way) was most of what the loop did meanwhile. Judged as the
+request arrives, before the loop has looked at its other connections, nearly every request of 16 clients looked
+lone and ran on the loop, one after another: the service served 1,627 against 2,392 req/s (10 alternated rounds).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class MicroBatcher(Generic[Item, Result]):
     ) -> None:
         self.run_batch = run_batch
         self.admission = admission
-        self.inline = inline  # whether an item may run at once on the loop (see the module's docstring)
+        self.inline = inline  # whether a lone item may run on the loop (see the module's docstring)
         self.max_size = max_size
         self.max_pending = max_pending  # items waiting per key before new ones are refused (503)
         self._pending: dict[Hashable, deque[tuple[Item, asyncio.Future[Result]]]] = {}
@@ -59,12 +61,6 @@ class MicroBatcher(Generic[Item, Result]):
     async def submit(self, key: Hashable, item: Item) -> Result:
         """Run `item` in the next batch for `key`; its own result, or its own exception."""
         queue = self._pending.setdefault(key, deque())
-        if not queue and key not in self._workers and self._runs_inline(item):
-            self.batch_sizes.append(1)
-            [result] = self.run_batch([item])
-            if isinstance(result, Exception):
-                raise result
-            return result
         if len(queue) >= self.max_pending:
             raise OverloadedError(
                 f"{len(queue)} predictions are already waiting for this model; retry shortly", "batch_queue_full"
@@ -86,7 +82,10 @@ class MicroBatcher(Generic[Item, Result]):
                     continue
                 self.batch_sizes.append(len(live))
                 try:
-                    results = await self.admission.run(self.run_batch, [item for item, _ in live])
+                    if len(live) == 1 and self._runs_inline(live[0][0]):
+                        results = self.run_batch([live[0][0]])
+                    else:
+                        results = await self.admission.run(self.run_batch, [item for item, _ in live])
                 except Exception as e:  # the whole batch failed (overload, a bug): each request hears of it
                     results = [e] * len(live)
                 for (_, fut), result in zip(live, results, strict=True):

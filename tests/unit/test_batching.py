@@ -162,11 +162,12 @@ def _inline_check(item: int) -> bool:
         (_inline_check, False, [2], True),  # a lone item the check accepts, nothing computing: the loop
         (_inline_check, False, [3], False),  # the check refuses it
         (_inline_check, True, [2], False),  # another batch holds the compute slot
-        (_inline_check, False, [3, 4], False),  # 4 is accepted, but joins 3, which waits for its batch
+        (_inline_check, False, [2, 4], False),  # both accepted, but a batch of two: a compute thread
+        (_inline_check, False, [3, 4], False),  # 4 is accepted, but joins 3 in its batch
     ],
-    ids=["no check", "lone and accepted", "refused", "compute busy", "joins a waiting item"],
+    ids=["no check", "lone and accepted", "refused", "compute busy", "two items", "joins a refused item"],
 )
-def test_an_item_that_inline_accepts_runs_at_once_on_the_loop_while_nothing_else_is_batched_or_computed(
+def test_a_lone_item_that_inline_accepts_runs_on_the_loop_while_no_compute_runs(
     inline: Callable[[int], bool] | None, busy: bool, items: list[int], on_loop: bool
 ) -> None:
     threads: dict[int, int] = {}
@@ -194,6 +195,42 @@ def test_an_item_that_inline_accepts_runs_at_once_on_the_loop_while_nothing_else
         assert list(batcher.batch_sizes) == [len(items)]  # one batch either way, in order
         if holder is not None:
             assert await holder == [990]
+        admission.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_item_is_judged_lone_once_the_loop_has_read_the_requests_that_came_with_it() -> None:
+    """As in the server: item 0's request is the only one in flight as it reaches the batcher, while five more have
+    come in and are read over the next turns of the loop. Judged when the batch is cut, not as item 0 arrives, none
+    is lone: the six share a batch on a compute thread, rather than item 0 running on the loop while the others
+    wait (under 16 clients, that ran every request on the loop, one at a time)."""
+    in_flight = 0
+    threads: dict[int, int] = {}
+
+    def run_batch(batch: list[int]) -> list[int | Exception]:
+        threads.update((i, threading.get_ident()) for i in batch)
+        return [i * 10 for i in batch]
+
+    async def request(i: int, turns: int, batcher: MicroBatcher[int, int]) -> int:
+        nonlocal in_flight
+        for _ in range(turns):  # not yet read from its connection
+            await asyncio.sleep(0)
+        in_flight += 1
+        try:
+            return await _after_turns(turns, batcher.submit("m", i))  # its body is read over a few turns
+        finally:
+            in_flight -= 1
+
+    async def scenario() -> None:
+        admission = Admission(limit=1, queue=4, wait_s=10)
+        batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, admission, 16, 100, lambda i: in_flight == 1)
+        requests = asyncio.gather(*(request(i, min(i, 1), batcher) for i in range(6)))
+        assert await asyncio.wait_for(requests, 10) == [i * 10 for i in range(6)]
+        assert list(batcher.batch_sizes) == [6]
+        assert threading.get_ident() not in threads.values()
+        assert await asyncio.wait_for(request(6, 0, batcher), 10) == 60  # now lone: on the loop
+        assert threads[6] == threading.get_ident()
         admission.close()
 
     asyncio.run(scenario())
