@@ -57,8 +57,9 @@ PredictJob = tuple[PredictPayload, classifiers.Classifier, Settings]
 
 
 def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:
-    """One micro-batch, on a compute thread: each job's digit is prepared on its own (its errors are its own),
-    then one forward pass serves them all. The jobs share model and device (the batcher's key)."""
+    """One micro-batch, on a compute thread (or the event loop, for a lone light job: `is_light`): each job's digit
+    is prepared on its own (its errors are its own), then one forward pass serves them all. The jobs share model and
+    device (the batcher's key)."""
     _, classifier, _ = jobs[0]
     device = resolve_device(jobs[0][0].options.device)
     prepared: list[classifiers.Preprocessed | Exception] = []
@@ -83,15 +84,15 @@ def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:
 
 
 # A lone prediction whose input is at most this big may run on the event loop (`MicroBatcher`'s `inline`): 28x28
-# pixel values, or a PNG of at most 64x64 pixels in at most 16 KiB. The most such a file's decoding and MNIST
-# preprocessing took here was 1.0 ms (64x64 RGBA noise; a zTXt chunk that inflates to 16 MB: Pillow stops at
-# 1 MB), where a 28x28 digit took 0.17 ms; a 256x256 one took 3-6 ms, and goes to a compute thread.
+# pixel values, or a plain PNG (`imaging.plain_png_size`) of at most 64x64 pixels in at most 16 KiB. The most such
+# a file's decoding and MNIST preprocessing took here was 1.0-1.6 ms (64x64 RGBA noise, half of it transparent),
+# where a 28x28 digit took 0.17 ms; a 256x256 one took 3-6 ms, and goes to a compute thread.
 INLINE_MAX_BYTES = 16 * 1024
 INLINE_MAX_PIXELS = 64 * 64
 
 
 def is_light(job: PredictJob) -> bool:
-    """Whether a single-digit job is small enough to run on the event loop: pixel values or a small PNG, on the
+    """Whether a single-digit job is small enough to run on the event loop: pixel values or a small plain PNG, on the
     CPU (a GPU's work stays on the compute threads, where its streams and contexts live)."""
     payload = job[0]
     [(_, value)] = payload.inputs
@@ -99,8 +100,10 @@ def is_light(job: PredictJob) -> bool:
         return False
     if not isinstance(value, bytes):  # 28x28 values (the rest are refused, on a compute thread)
         return len(value) == MNIST_SIZE and all(len(row) == MNIST_SIZE for row in value)
-    size = imaging.png_size(value)
-    return len(value) <= INLINE_MAX_BYTES and size is not None and size[0] * size[1] <= INLINE_MAX_PIXELS
+    if len(value) > INLINE_MAX_BYTES:  # first: the chunks of no larger file are walked
+        return False
+    size = imaging.plain_png_size(value)
+    return size is not None and size[0] * size[1] <= INLINE_MAX_PIXELS
 
 
 def _predict(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import zlib
 from typing import Any
 
 import numpy as np
@@ -394,6 +395,13 @@ def as_png_of(img: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+def _ihdr_first(png: bytes, width: int, height: int) -> bytes:
+    """`png` with an IHDR for `width` x `height` (8-bit gray) before its own, which Pillow then obeys."""
+    data = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    chunk = len(data).to_bytes(4, "big") + b"IHDR" + data + zlib.crc32(b"IHDR" + data).to_bytes(4, "big")
+    return png[:8] + chunk + png[8:]
+
+
 NOISE_64 = as_png_of(Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA"))
 
 
@@ -405,6 +413,7 @@ NOISE_64 = as_png_of(Image.fromarray(np.random.default_rng(3).integers(0, 256, (
         ({"json": {"pixels": TEST.images[0].tolist()}}, True),
         ({"json": {"pixels": [[0] * 28] * 27 + [[0] * 29]}}, False),  # not 28x28: refused, on a compute thread
         ({"files": {"image": ("d.png", _png((65, 64)))}}, False),  # over 64x64 pixels
+        ({"files": {"image": ("d.png", _ihdr_first(_png((65, 64)), 28, 28))}}, False),  # then its own 65x64 IHDR
         ({"files": {"image": ("d.png", DRAWN[0])}}, False),  # 224x224
         ({"files": {"image": ("d.png", NOISE_64)}}, False),  # 64x64, but over 16 KiB
         ({"files": {"image": ("d.jpg", as_png_of(Image.fromarray(TEST.images[0]), "JPEG"))}}, False),
@@ -416,6 +425,7 @@ NOISE_64 = as_png_of(Image.fromarray(np.random.default_rng(3).integers(0, 256, (
         "pixels",
         "pixels 28+1",
         "65x64 png",
+        "a 28x28 IHDR, then 65x64",
         "224x224 png",
         "64x64 png over 16 KiB",
         "jpeg",

@@ -103,6 +103,8 @@ def test_unexpected_errors_are_500_problems_without_internals(
         assert json.loads(JSONFormatter().format(logged[0]))["request_id"] == "oops-1"
         monkeypatch.undo()
         assert c.post(URL, files=FILES, data=SMALL).status_code == 200
+        # Every request, the 500 too, has left the worker's count: a lone light prediction may run on the loop again.
+        assert c.app_state["metrics"].requests_in_flight == 0
 
 
 @pytest.mark.parametrize(
@@ -119,6 +121,8 @@ def test_out_of_memory_is_a_503_and_the_server_stays_up(monkeypatch: pytest.Monk
         assert r.headers["retry-after"] == "1"
         monkeypatch.undo()
         assert c.post(URL, files=FILES, data=SMALL).status_code == 200
+        # Every request, the 500 too, has left the worker's count: a lone light prediction may run on the loop again.
+        assert c.app_state["metrics"].requests_in_flight == 0
 
 
 def test_compute_deadline_stops_the_work_with_a_504() -> None:
@@ -139,6 +143,7 @@ def test_metrics_count_requests_per_route_and_status(client: TestClient) -> None
         client.request(method, URL)
     text = client.get("/metrics").text
     assert re.search(r'featuremap_requests_total\{method="OTHER",route="/v1/featuremaps",status="405"\} 2', text)
+    assert client.app_state["metrics"].requests_in_flight == 0  # 200, 404, 422 and 405 all counted out again
     assert "BREW" not in text and "XYZZY123" not in text
     for name in (
         "featuremap_request_duration_seconds_bucket",

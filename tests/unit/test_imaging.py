@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.colors import ListedColormap, Normalize
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service import imaging
 from service.colormaps import COLORMAPS, LUTS
@@ -137,36 +137,86 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
         imaging.decode_image(bomb, 16_000_000)
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _with_chunk(png: bytes, chunk: bytes, after_ihdr: bool = True) -> bytes:
+    """`png` with `chunk` inserted right after its IHDR (8 + 25 bytes in), or just before its IEND."""
+    at = 33 if after_ihdr else len(png) - 12
+    return png[:at] + chunk + png[at:]
+
+
+def _text_png(**params: object) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * 100, **params)  # type: ignore[arg-type]
+    return encoded(Image.new("L", (28, 28)), "PNG", pnginfo=info)
+
+
+GRAY_28 = encoded(Image.new("L", (28, 28)), "PNG")
+
+
 @pytest.mark.parametrize(
-    "img",
+    ("data", "size"),
     [
-        Image.new("L", (28, 28)),
-        Image.new("RGBA", (64, 3)),
-        RGB,
-        Image.new("I;16", (300, 1)),
-        Image.new("1", (1, 70000)),
+        (GRAY_28, (28, 28)),
+        (encoded(Image.new("RGBA", (64, 3)), "PNG"), (64, 3)),
+        (encoded(RGB, "PNG"), (10, 12)),
+        (encoded(Image.new("I;16", (300, 1)), "PNG"), (300, 1)),
+        (encoded(Image.new("P", (5, 7)), "PNG", transparency=0), (5, 7)),  # PLTE and tRNS
+        (_text_png(), (28, 28)),  # tEXt: as many bytes as the file has
+        (_with_chunk(GRAY_28, _chunk(b"gAMA", (45455).to_bytes(4, "big"))), (28, 28)),
+        (_with_chunk(GRAY_28, _chunk(b"tEXt", b"") * 29), (28, 28)),  # 32 chunks in all
     ],
-    ids=["28x28 gray", "64x3 rgba", "10x12 rgb", "300x1 16-bit", "1x70000 bilevel"],
+    ids=["28x28 gray", "64x3 rgba", "10x12 rgb", "300x1 16-bit", "palette", "tEXt", "gAMA", "32 chunks"],
 )
-def test_png_size_reads_the_size_pillow_reads(img: Image.Image) -> None:
-    data = encoded(img, "PNG")
-    assert imaging.png_size(data) == Image.open(io.BytesIO(data)).size == img.size
+def test_plain_png_size_reads_the_size_pillow_reads(data: bytes, size: tuple[int, int]) -> None:
+    assert imaging.plain_png_size(data) == Image.open(io.BytesIO(data)).size == size
+
+
+IHDR_4000 = (4000).to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 16 M pixels, 1 bit each
 
 
 @pytest.mark.parametrize(
     "data",
     [
         b"",
-        encoded(RGB, "PNG")[:23],  # cut within the IHDR's size
+        GRAY_28[:23],  # cut within the IHDR's size
         encoded(RGB, "JPEG"),
         encoded(RGB, "BMP"),
-        b"\x89PNG\r\n\x1a\n" + encoded(RGB, "PNG")[8:12] + b"tEXt" + encoded(RGB, "PNG")[16:],  # IHDR not first
-        b"\x88" + encoded(RGB, "PNG")[1:],  # a signature off by one bit
+        GRAY_28[:12] + b"tEXt" + GRAY_28[16:],  # IHDR not first
+        b"\x88" + GRAY_28[1:],  # a signature off by one bit
+        _with_chunk(GRAY_28, _chunk(b"IHDR", IHDR_4000)),  # a second IHDR, which Pillow obeys
+        _text_png(zip=True),  # zTXt
+        _with_chunk(GRAY_28, _chunk(b"iTXt", b"comment\x00\x01\x00\x00\x00" + zlib.compress(b"a" * 100))),
+        _with_chunk(GRAY_28, _chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(b"a" * 100))),
+        _with_chunk(GRAY_28, _chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(b"a" * 100)), after_ihdr=False),
+        encoded(Image.new("L", (28, 28)), "PNG", save_all=True, append_images=[Image.new("L", (28, 28), 255)]),
+        _with_chunk(GRAY_28, _chunk(b"tEXt", b"") * 30),  # 33 chunks
     ],
-    ids=["empty", "truncated", "jpeg", "bmp", "another chunk first", "bad signature"],
+    ids=[
+        "empty",
+        "truncated",
+        "jpeg",
+        "bmp",
+        "another chunk first",
+        "bad signature",
+        "second IHDR",
+        "zTXt",
+        "iTXt",
+        "iCCP",
+        "zTXt after the image data",
+        "APNG",
+        "33 chunks",
+    ],
 )
-def test_png_size_is_none_for_what_does_not_start_as_a_png(data: bytes) -> None:
-    assert imaging.png_size(data) is None
+def test_plain_png_size_is_none_for_anything_else(data: bytes) -> None:
+    assert imaging.plain_png_size(data) is None
+
+
+def test_a_second_ihdr_is_what_pillow_obeys() -> None:
+    """Why `plain_png_size` refuses one: Pillow takes the size of the last IHDR before the image data."""
+    assert Image.open(io.BytesIO(_with_chunk(GRAY_28, _chunk(b"IHDR", IHDR_4000)))).size == (4000, 4000)
 
 
 @pytest.mark.parametrize("colormap", COLORMAPS)
