@@ -81,11 +81,12 @@ class MicroBatcher(Generic[Item, Result]):
                 if not live:
                     continue
                 self.batch_sizes.append(len(live))
+                items = [item for item, _ in live]
                 try:
-                    if len(live) == 1 and self._runs_inline(live[0][0]):
-                        results = self.run_batch([live[0][0]])
+                    if len(items) == 1 and self._runs_inline(items[0]):
+                        results = self.run_batch(items)
                     else:
-                        results = await self.admission.run(self.run_batch, [item for item, _ in live])
+                        results = await self.admission.run(self.run_batch, items)
                 except Exception as e:  # the whole batch failed (overload, a bug): each request hears of it
                     results = [e] * len(live)
                 for (_, fut), result in zip(live, results, strict=True):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service.config import Settings
 from service.devices import use_ieee_float32
@@ -22,6 +25,18 @@ DOG = ROOT / "service" / "samples" / "dog.jpg"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
 use_ieee_float32()  # as the app does as it starts: the core's tests on CUDA compare with float32 references too
+
+
+def encoded(img: Image.Image, fmt: str, **params: object) -> bytes:
+    """`img` as a file of format `fmt` (Pillow's name: "PNG", "JPEG", ...)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk: its data's length, its type, the data, and the CRC of type and data."""
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
 
 @pytest.fixture(scope="session")

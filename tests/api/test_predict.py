@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import zlib
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from service.datasets import load_mnist
 from service.main import create_app
 from service.schemas import PredictOptions
 from tests.api.test_errors import assert_problem
-from tests.conftest import make_client
+from tests.conftest import encoded, make_client, png_chunk
 
 TEST = load_mnist("test")
 LABELS = TEST.labels[:8].tolist()
@@ -386,23 +385,18 @@ def test_batching_can_be_turned_off() -> None:
 
 
 def _png(size: tuple[int, int], mode: str = "L") -> bytes:
-    return as_png_of(Image.fromarray(np.resize(TEST.images[0], size[::-1]), "L").convert(mode))
-
-
-def as_png_of(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
+    return encoded(Image.fromarray(np.resize(TEST.images[0], size[::-1]), "L").convert(mode), "PNG")
 
 
 def _ihdr_first(png: bytes, width: int, height: int) -> bytes:
     """`png` with an IHDR for `width` x `height` (8-bit gray) before its own, which Pillow then obeys."""
-    data = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    chunk = len(data).to_bytes(4, "big") + b"IHDR" + data + zlib.crc32(b"IHDR" + data).to_bytes(4, "big")
-    return png[:8] + chunk + png[8:]
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return png[:8] + png_chunk(b"IHDR", ihdr) + png[8:]
 
 
-NOISE_64 = as_png_of(Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA"))
+NOISE_64 = encoded(
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA"), "PNG"
+)
 
 
 @pytest.mark.parametrize(
@@ -416,7 +410,7 @@ NOISE_64 = as_png_of(Image.fromarray(np.random.default_rng(3).integers(0, 256, (
         ({"files": {"image": ("d.png", _ihdr_first(_png((65, 64)), 28, 28))}}, False),  # then its own 65x64 IHDR
         ({"files": {"image": ("d.png", DRAWN[0])}}, False),  # 224x224
         ({"files": {"image": ("d.png", NOISE_64)}}, False),  # 64x64, but over 16 KiB
-        ({"files": {"image": ("d.jpg", as_png_of(Image.fromarray(TEST.images[0]), "JPEG"))}}, False),
+        ({"files": {"image": ("d.jpg", encoded(Image.fromarray(TEST.images[0]), "JPEG"))}}, False),
         ({"files": {"image": ("d.png", as_png(TEST.images[0]))}, "data": {"device": "cuda"}}, None),  # no CUDA: 4xx
     ],
     ids=[

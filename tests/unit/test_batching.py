@@ -184,13 +184,16 @@ def test_a_lone_item_that_inline_accepts_runs_on_the_loop_while_no_compute_runs(
         admission = Admission(limit=1, queue=4, wait_s=10)
         batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, admission, 16, 100, inline)
         holder = asyncio.create_task(admission.run(run_batch, [99])) if busy else None
-        await asyncio.sleep(0.05)  # the holder (when busy) has the only slot
+        await asyncio.sleep(0)  # one turn: the holder (when busy) takes the only slot
         assert admission.idle is not busy
+        submitted = asyncio.gather(*(batcher.submit("m", i) for i in items))
         if holder is not None:
-            asyncio.get_running_loop().call_later(0.05, gate.set)
-        assert await asyncio.wait_for(asyncio.gather(*(batcher.submit("m", i) for i in items)), 10) == [
-            i * 10 for i in items
-        ]
+            for _ in range(1000):  # until the batch is cut and waits for the holder's slot (a turn or two)
+                if admission.waiting:
+                    break
+                await asyncio.sleep(0)
+            gate.set()
+        assert await asyncio.wait_for(submitted, 10) == [i * 10 for i in items]
         assert [threads[i] == threading.get_ident() for i in items] == [on_loop] * len(items)
         assert list(batcher.batch_sizes) == [len(items)]  # one batch either way, in order
         if holder is not None:

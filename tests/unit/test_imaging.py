@@ -17,16 +17,10 @@ from service import imaging
 from service.colormaps import COLORMAPS, LUTS
 from service.devices import to_host
 from service.errors import ImageDecodeError, LimitExceededError, UnsupportedMediaError
-from tests.conftest import DEVICES, DOG
+from tests.conftest import DEVICES, DOG, encoded, png_chunk
 
 RNG = np.random.default_rng(7)
 BIG = 10**8
-
-
-def encoded(img: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **params)
-    return buf.getvalue()
 
 
 RGB = Image.fromarray(RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8), "RGB")
@@ -128,17 +122,11 @@ def test_bad_files_raise_decode_errors(data: bytes, error: type[Exception], frag
 
 def test_pixel_limit_is_checked_before_decoding() -> None:
     # A PNG that declares 20000 x 20000 pixels in a few dozen bytes: a bomb for an unchecked decoder.
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
     ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    idat, iend = png_chunk(b"IDAT", zlib.compress(b"")), png_chunk(b"IEND", b"")
+    bomb = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + idat + iend
     with pytest.raises(LimitExceededError, match="400,000,000 pixels"):
         imaging.decode_image(bomb, 16_000_000)
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
 
 def _with_chunk(png: bytes, chunk: bytes, after_ihdr: bool = True) -> bytes:
@@ -165,8 +153,8 @@ GRAY_28 = encoded(Image.new("L", (28, 28)), "PNG")
         (encoded(Image.new("I;16", (300, 1)), "PNG"), (300, 1)),
         (encoded(Image.new("P", (5, 7)), "PNG", transparency=0), (5, 7)),  # PLTE and tRNS
         (_text_png(), (28, 28)),  # tEXt: as many bytes as the file has
-        (_with_chunk(GRAY_28, _chunk(b"gAMA", (45455).to_bytes(4, "big"))), (28, 28)),
-        (_with_chunk(GRAY_28, _chunk(b"tEXt", b"") * 29), (28, 28)),  # 32 chunks in all
+        (_with_chunk(GRAY_28, png_chunk(b"gAMA", (45455).to_bytes(4, "big"))), (28, 28)),
+        (_with_chunk(GRAY_28, png_chunk(b"tEXt", b"") * 29), (28, 28)),  # 32 chunks in all
     ],
     ids=["28x28 gray", "64x3 rgba", "10x12 rgb", "300x1 16-bit", "palette", "tEXt", "gAMA", "32 chunks"],
 )
@@ -186,13 +174,13 @@ IHDR_4000 = (4000).to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 16 M pixel
         encoded(RGB, "BMP"),
         GRAY_28[:12] + b"tEXt" + GRAY_28[16:],  # IHDR not first
         b"\x88" + GRAY_28[1:],  # a signature off by one bit
-        _with_chunk(GRAY_28, _chunk(b"IHDR", IHDR_4000)),  # a second IHDR, which Pillow obeys
+        _with_chunk(GRAY_28, png_chunk(b"IHDR", IHDR_4000)),  # a second IHDR, which Pillow obeys
         _text_png(zip=True),  # zTXt
-        _with_chunk(GRAY_28, _chunk(b"iTXt", b"comment\x00\x01\x00\x00\x00" + zlib.compress(b"a" * 100))),
-        _with_chunk(GRAY_28, _chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(b"a" * 100))),
-        _with_chunk(GRAY_28, _chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(b"a" * 100)), after_ihdr=False),
+        _with_chunk(GRAY_28, png_chunk(b"iTXt", b"comment\x00\x01\x00\x00\x00" + zlib.compress(b"a" * 100))),
+        _with_chunk(GRAY_28, png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(b"a" * 100))),
+        _with_chunk(GRAY_28, png_chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(b"a" * 100)), after_ihdr=False),
         encoded(Image.new("L", (28, 28)), "PNG", save_all=True, append_images=[Image.new("L", (28, 28), 255)]),
-        _with_chunk(GRAY_28, _chunk(b"tEXt", b"") * 30),  # 33 chunks
+        _with_chunk(GRAY_28, png_chunk(b"tEXt", b"") * 30),  # 33 chunks
     ],
     ids=[
         "empty",
@@ -216,7 +204,7 @@ def test_plain_png_size_is_none_for_anything_else(data: bytes) -> None:
 
 def test_a_second_ihdr_is_what_pillow_obeys() -> None:
     """Why `plain_png_size` refuses one: Pillow takes the size of the last IHDR before the image data."""
-    assert Image.open(io.BytesIO(_with_chunk(GRAY_28, _chunk(b"IHDR", IHDR_4000)))).size == (4000, 4000)
+    assert Image.open(io.BytesIO(_with_chunk(GRAY_28, png_chunk(b"IHDR", IHDR_4000)))).size == (4000, 4000)
 
 
 @pytest.mark.parametrize("colormap", COLORMAPS)
