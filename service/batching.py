@@ -73,6 +73,7 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def _drain(self, key: Hashable) -> None:
         queue = self._pending[key]
+        live: list[tuple[Item, asyncio.Future[Result]]] = []
         try:
             while queue:
                 await self._until_loop_idle(queue)
@@ -96,6 +97,11 @@ class MicroBatcher(Generic[Item, Result]):
                         fut.set_exception(result)
                     else:
                         fut.set_result(result)
+        except BaseException:  # cancelled (the loop is closing) or worse: nobody may wait for a batch that won't come
+            for _, fut in [*live, *queue]:
+                fut.cancel()  # (nothing, when already done)
+            queue.clear()
+            raise
         finally:
             del self._workers[key]
             task = asyncio.current_task()

@@ -78,10 +78,15 @@ def _recording(seen: list[list[int]]) -> Callable[[list[int]], list[int | Except
     return run_batch
 
 
-async def _after_turns(turns: int, then: Awaitable[int]) -> int:
-    """A request the loop is still reading: it reaches the batcher `turns` turns of the loop from now."""
+async def _spin(turns: int) -> None:
+    """`turns` turns of the loop, one step each: the loop has something ready all along."""
     for _ in range(turns):
         await asyncio.sleep(0)
+
+
+async def _after_turns(turns: int, then: Awaitable[int]) -> int:
+    """A request the loop is still reading: it reaches the batcher `turns` turns of the loop from now."""
+    await _spin(turns)
     return await then
 
 
@@ -259,6 +264,48 @@ def test_an_inline_item_fails_alone_and_the_batcher_goes_on() -> None:
             await asyncio.wait_for(batcher.submit("m", 6), 10)
         assert await asyncio.wait_for(batcher.submit("m", 2), 10) == 20
         assert admission.idle
+        admission.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("stage", ["computing", "waiting for the loop"])
+def test_a_cancelled_batch_worker_cancels_its_requests_and_a_new_one_serves_the_next(stage: str) -> None:
+    """The batch worker cancelled (as when the loop closes) while its batch computes, or while it lets the loop run
+    before cutting one: every request it held, the batch's and those queued behind it, is cancelled rather than
+    left waiting for ever, and the next item gets a new worker."""
+    gate = threading.Event()
+
+    def run_batch(items: list[int]) -> list[int | Exception]:
+        if 0 in items:
+            gate.wait(10)
+        return [i * 10 for i in items]
+
+    async def scenario() -> None:
+        admission = Admission(limit=1, queue=4, wait_s=10)
+        batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, admission, max_size=4, max_pending=100)
+        held = [asyncio.create_task(batcher.submit("m", i)) for i in (0, 1)]
+        if stage == "computing":
+            for _ in range(1000):  # until items 0 and 1 hold the compute slot
+                await asyncio.sleep(0)
+                if admission.active:
+                    break
+            held.append(asyncio.create_task(batcher.submit("m", 2)))  # queued behind them
+            await asyncio.sleep(0)
+            assert admission.active == 1 and len(batcher._pending["m"]) == 1
+        else:
+            busy = asyncio.create_task(_spin(batching.IDLE_TURNS))
+            for _ in range(3):  # the items are queued, the worker starts and lets the loop turn
+                await asyncio.sleep(0)
+            assert not admission.active and len(batcher._pending["m"]) == 2
+            busy.cancel()  # (its cancellation, too, takes a turn to run)
+        worker = batcher._workers["m"]
+        worker.cancel()
+        outcomes = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 10)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+        assert worker.cancelled() and "m" not in batcher._workers
+        gate.set()
+        assert await asyncio.wait_for(batcher.submit("m", 5), 10) == 50
         admission.close()
 
     asyncio.run(scenario())
