@@ -294,11 +294,11 @@ def test_a_cancelled_batch_worker_cancels_its_requests_and_a_new_one_serves_the_
             await asyncio.sleep(0)
             assert admission.active == 1 and len(batcher._pending["m"]) == 1
         else:
-            busy = asyncio.create_task(_spin(batching.IDLE_TURNS))
+            busy = asyncio.create_task(_spin(batching.IDLE_TURNS))  # so the worker waits rather than cut a batch
             for _ in range(3):  # the items are queued, the worker starts and lets the loop turn
                 await asyncio.sleep(0)
             assert not admission.active and len(batcher._pending["m"]) == 2
-            busy.cancel()  # (its cancellation, too, takes a turn to run)
+            busy.cancel()
         worker = batcher._workers["m"]
         worker.cancel()
         outcomes = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 10)
