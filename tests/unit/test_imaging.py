@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.colors import ListedColormap, Normalize
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from service import imaging
 from service.colormaps import COLORMAPS, LUTS
@@ -63,7 +63,9 @@ def test_gray_is_itu_601_luma_like_opencv_bgr2gray() -> None:
     want = cv2.cvtColor(arr[..., ::-1].copy(), cv2.COLOR_BGR2GRAY).astype(np.float32)
     exact = 0.299 * arr[..., 0] + 0.587 * arr[..., 1] + 0.114 * arr[..., 2]
     assert np.abs(got - want).max() <= 1  # the two libraries round their fixed point differently
-    assert np.abs(got - exact).max() <= 0.5 + 1e-6  # both are the ITU-R 601-2 luma, rounded
+    # Both are the ITU-R 601-2 luma, rounded; Pillow's weights are 16-bit fixed point (19595, 38470 and 7471 of 65536,
+    # each within 5.7e-6 of the standard's), which moves a level by up to 0.0029 more than rounding's 0.5 (0.501 seen).
+    assert np.abs(got - exact).max() <= 0.5 + 255 * (4.1e-6 + 5.7e-6 + 1.6e-6)
 
 
 def test_normalize_unit_divides_by_255_like_the_tutorial() -> None:
@@ -205,6 +207,136 @@ def test_plain_png_size_is_none_for_anything_else(data: bytes) -> None:
 def test_a_second_ihdr_is_what_pillow_obeys() -> None:
     """Why `plain_png_size` refuses one: Pillow takes the size of the last IHDR before the image data."""
     assert Image.open(io.BytesIO(_with_chunk(GRAY_28, png_chunk(b"IHDR", IHDR_4000)))).size == (4000, 4000)
+
+
+PNG_RNG = np.random.default_rng(11)  # its own: the tables below leave RNG's draws to the tests that used them
+
+
+def _noise(mode: str, width: int, height: int) -> Image.Image:
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    pixels = PNG_RNG.integers(0, 256, (height, width, bands), dtype=np.uint8)
+    img = Image.fromarray(pixels.squeeze(-1 if bands == 1 else ()))
+    assert img.mode == mode
+    return img
+
+
+def _gradient(mode: str, width: int, height: int) -> Image.Image:
+    """Smooth rows, for which Pillow's encoder picks each PNG filter type (noise gets mostly one)."""
+    return Image.linear_gradient("L").resize((width, height)).convert(mode)
+
+
+SIMPLE_PNGS = {
+    "28x28 gray": encoded(_noise("L", 28, 28), "PNG"),
+    "1x1 gray": encoded(Image.new("L", (1, 1), 77), "PNG"),
+    "gray gradient": encoded(_gradient("L", 61, 47), "PNG"),
+    "rgb": encoded(_noise("RGB", 33, 21), "PNG"),
+    "rgb gradient, optimized": encoded(_gradient("RGB", 64, 64), "PNG", optimize=True),
+    "gray + alpha": encoded(_noise("LA", 17, 9), "PNG"),
+    "rgba": encoded(_noise("RGBA", 40, 3), "PNG"),
+    "stored, not compressed": encoded(_noise("RGB", 30, 30), "PNG", compress_level=0),
+    "several IDAT": encoded(_noise("RGBA", 300, 200), "PNG"),  # 240 kB of pixels: Pillow writes 64 kB chunks
+    "inert chunks": _with_chunk(
+        _with_chunk(GRAY_28, png_chunk(b"gAMA", (45455).to_bytes(4, "big"))), png_chunk(b"sRGB", b"\x00")
+    ),
+    "dpi": encoded(_noise("L", 28, 28), "PNG", dpi=(300, 300)),  # pHYs
+    # A stream that ends a row short: Pillow's decoder stops there, and `Image.open` takes it as it is.
+    "too little image data": GRAY_28[:33] + png_chunk(b"IDAT", zlib.compress(bytes(27 * 29))) + GRAY_28[-12:],
+}
+
+
+def _read_by_pillow(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+@pytest.mark.parametrize("data", SIMPLE_PNGS.values(), ids=SIMPLE_PNGS.keys())
+def test_simple_pngs_decode_in_one_call_to_what_pillow_reads(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`decode_image` decodes a simple PNG without `Image.open`, to the mode and pixels `Image.open` gives."""
+    want = _read_by_pillow(data)
+    monkeypatch.setattr(Image, "open", _not_called)
+    got = imaging.decode_image(data, BIG)
+    assert (got.mode, got.size) == (want.mode, want.size)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def _not_called(*args: object, **kwargs: object) -> None:
+    raise AssertionError("Image.open was called")
+
+
+def _set_ihdr(png: bytes, **fields: int) -> bytes:
+    """`png` with IHDR fields (`width`, `height`, `color`, `interlace`) changed, its CRC made right."""
+    ihdr = bytearray(png[16:29])
+    for name, value in fields.items():
+        at, size = {"width": (0, 4), "height": (4, 4), "color": (9, 1), "interlace": (12, 1)}[name]
+        ihdr[at : at + size] = value.to_bytes(size, "big")
+    return png[:8] + png_chunk(b"IHDR", bytes(ihdr)) + png[33:]
+
+
+def _bad_crc(png: bytes, kind: bytes) -> bytes:
+    """`png` with the CRC of its first `kind` chunk off by one bit."""
+    at = png.index(kind) - 4
+    crc = at + 8 + int.from_bytes(png[at : at + 4], "big")
+    return png[:crc] + bytes([png[crc] ^ 1]) + png[crc + 1 :]
+
+
+def _split_idat(png: bytes, between: bytes = b"") -> bytes:
+    """`png` (one IDAT) with its image data in two IDAT chunks, and `between` them."""
+    at = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[at : at + 4], "big")
+    data = png[at + 8 : at + 8 + length]
+    half = length // 2
+    chunks = png_chunk(b"IDAT", data[:half]) + between + png_chunk(b"IDAT", data[half:])
+    return png[:at] + chunks + png[at + 12 + length :]
+
+
+GAMA = png_chunk(b"gAMA", (45455).to_bytes(4, "big"))
+ROTATED = Image.Exif()
+ROTATED[0x0112] = 6  # shown turned 90 degrees clockwise
+OTHER_PNGS = {
+    "16-bit": encoded(Image.new("I;16", (5, 5), 300), "PNG"),
+    "1-bit": encoded(Image.new("1", (9, 9), 1), "PNG"),
+    "palette": encoded(_noise("RGB", 8, 8).convert("P"), "PNG"),
+    "transparent gray (tRNS)": encoded(_noise("L", 8, 8), "PNG", transparency=0),
+    "interlaced": _set_ihdr(GRAY_28, interlace=1),
+    "colour type 5": _set_ihdr(GRAY_28, color=5),
+    "EXIF": encoded(_noise("RGB", 8, 4), "PNG", exif=ROTATED),
+    "tEXt (may hold EXIF)": _text_png(),
+    "gAMA of 3 bytes": _with_chunk(GRAY_28, png_chunk(b"gAMA", b"\x00\x00\x01")),
+    "gAMA after the data": _with_chunk(GRAY_28, GAMA, after_ihdr=False),
+    "bad IHDR CRC": _bad_crc(GRAY_28, b"IHDR"),
+    "bad IDAT CRC": _bad_crc(GRAY_28, b"IDAT"),
+    "two IDAT, split": _split_idat(GRAY_28),  # a control: one run in two chunks is simple
+    "IDAT, gAMA, IDAT": _split_idat(GRAY_28, GAMA),
+    "bytes after IEND": GRAY_28 + b"\x00",
+    "no IEND": GRAY_28[:-12],
+    "truncated": GRAY_28[:-20],
+    "corrupt image data": GRAY_28[:33] + png_chunk(b"IDAT", b"not a zlib stream") + GRAY_28[-12:],
+    "33 chunks": _with_chunk(GRAY_28, GAMA * 30),
+    "no pixels": _set_ihdr(GRAY_28, width=0),
+    "over the limit": _set_ihdr(GRAY_28, width=5000, height=5000),
+}
+
+
+@pytest.mark.parametrize("data", OTHER_PNGS.values(), ids=OTHER_PNGS.keys())
+def test_other_pngs_are_left_to_pillow(data: bytes) -> None:
+    """Whatever is not simple is `Image.open`'s to read, accept or refuse, and `decode_image` does as it does."""
+    simple = imaging._decode_simple_png(data, 16_000_000)
+    if data == _split_idat(GRAY_28):
+        assert simple is not None  # the control: the rest are refused for what makes them differ from it
+        return
+    assert simple is None
+    try:
+        want: Image.Image | None = _read_by_pillow(data)
+    except Exception:
+        want = None
+    if want is None or want.width * want.height > 16_000_000:
+        with pytest.raises((ImageDecodeError, UnsupportedMediaError, LimitExceededError)):
+            imaging.decode_image(data, 16_000_000)
+        return
+    got = imaging.decode_image(data, 16_000_000)
+    assert got.mode == want.mode
+    np.testing.assert_array_equal(np.asarray(ImageOps.exif_transpose(want)), np.asarray(got))
 
 
 @pytest.mark.parametrize("colormap", COLORMAPS)
