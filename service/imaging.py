@@ -107,7 +107,7 @@ def _decode_simple_png(data: bytes, max_pixels: int) -> Image.Image | None:
         return None
     try:
         return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode)
-    except (ValueError, OSError):  # too little image data, or corrupt
+    except (ValueError, OSError):  # the decoder found the data corrupt
         return None
 
 

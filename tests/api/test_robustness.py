@@ -158,7 +158,7 @@ def test_metrics_count_requests_per_route_and_status(client: TestClient) -> None
 
 def test_admission_queues_then_refuses_and_holds_slots_until_the_work_ends() -> None:
     async def scenario() -> None:
-        admission = Admission(limit=1, queue=1, wait_s=0.2)
+        admission = Admission(limit=1, queue=1, wait_s=30)  # the queued waiter's wait: ample, whatever the host does
         release = threading.Event()
         holder = asyncio.create_task(admission.run(release.wait, 30))
         await asyncio.sleep(0.05)
@@ -171,6 +171,8 @@ def test_admission_queues_then_refuses_and_holds_slots_until_the_work_ends() -> 
         release.set()
         assert await asyncio.gather(holder, waiter) == [True, "second"]
         assert (admission.active, admission.waiting) == (0, 0)
+        admission.close()
+        admission = Admission(limit=1, queue=1, wait_s=0.2)
         release.clear()
         holder = asyncio.create_task(admission.run(release.wait, 30))
         await asyncio.sleep(0.05)
