@@ -18,6 +18,7 @@ lone and ran on the loop, one after another: the service served 1,627 against 2,
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Callable, Hashable, Sized
 from typing import Generic, TypeVar
@@ -68,8 +69,25 @@ class MicroBatcher(Generic[Item, Result]):
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         queue.append((item, future))
         if key not in self._workers:
-            self._workers[key] = asyncio.create_task(self._drain(key))
+            self._start_worker(key)
         return await future
+
+    def _start_worker(self, key: Hashable) -> None:
+        worker = asyncio.create_task(self._drain(key))
+        self._workers[key] = worker
+        worker.add_done_callback(functools.partial(self._worker_ended, key))
+
+    def _worker_ended(self, key: Hashable, worker: asyncio.Task[None]) -> None:
+        """A worker cancelled before its first step never ran `_drain`, whose `finally` clears its entry and whose
+        `except` cancels the requests it would have served: done here instead, or they would wait for ever, and so would
+        every later item of `key`, left with a dead worker."""
+        if self._workers.get(key) is not worker:  # `_drain` ran and cleaned up (and may have started the next)
+            return
+        del self._workers[key]
+        queue = self._pending.get(key, deque())
+        for _, fut in queue:
+            fut.cancel()
+        queue.clear()
 
     async def _drain(self, key: Hashable) -> None:
         queue = self._pending[key]
@@ -106,7 +124,7 @@ class MicroBatcher(Generic[Item, Result]):
             del self._workers[key]
             task = asyncio.current_task()
             if queue and not (task and task.cancelling()):  # items that came while this worker was ending
-                self._workers[key] = asyncio.create_task(self._drain(key))
+                self._start_worker(key)
 
     def _runs_inline(self, item: Item) -> bool:
         return self.inline is not None and self.admission.idle and self.inline(item)

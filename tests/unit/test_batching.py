@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -269,11 +270,12 @@ def test_an_inline_item_fails_alone_and_the_batcher_goes_on() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("stage", ["computing", "waiting for the loop"])
+@pytest.mark.parametrize("stage", ["computing", "waiting for the loop", "before it first ran"])
 def test_a_cancelled_batch_worker_cancels_its_requests_and_a_new_one_serves_the_next(stage: str) -> None:
-    """The batch worker cancelled (as when the loop closes) while its batch computes, or while it lets the loop run
-    before cutting one: every request it held, the batch's and those queued behind it, is cancelled rather than
-    left waiting for ever, and the next item gets a new worker."""
+    """The batch worker cancelled (as when the loop closes) while its batch computes, while it lets the loop run
+    before cutting one, or before its first step (so its own code never runs): every request it held, the batch's
+    and those queued behind it, is cancelled rather than left waiting for ever, and the next item gets a new
+    worker."""
     gate = threading.Event()
 
     def run_batch(items: list[int]) -> list[int | Exception]:
@@ -293,6 +295,10 @@ def test_a_cancelled_batch_worker_cancels_its_requests_and_a_new_one_serves_the_
             held.append(asyncio.create_task(batcher.submit("m", 2)))  # queued behind them
             await asyncio.sleep(0)
             assert admission.active == 1 and len(batcher._pending["m"]) == 1
+        elif stage == "before it first ran":
+            await asyncio.sleep(0)  # both items queued; the worker they started is scheduled, not yet run
+            drain = batcher._workers["m"].get_coro()
+            assert len(batcher._pending["m"]) == 2 and inspect.getcoroutinestate(drain) == inspect.CORO_CREATED
         else:
             busy = asyncio.create_task(_spin(batching.IDLE_TURNS))  # so the worker waits rather than cut a batch
             for _ in range(3):  # the items are queued, the worker starts and lets the loop turn
