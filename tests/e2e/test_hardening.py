@@ -332,11 +332,13 @@ def test_workers_take_turns_at_a_burst_of_new_connections(tmp_path: Path) -> Non
     this shows `python -m service` serves with it).
 
     The burst is staged, not raced: the workers are stopped (SIGSTOP, each thread seen stopped) while the 16
-    connections are opened and their requests sent; then one worker is resumed, and the others once it has taken
-    a connection from the accept queue. With asyncio's own accept that first worker took all 16 (6 runs of 6);
-    with the server's, the split was 4 to 12 (20 of 20). Opened to running workers, as this test first did, the
-    burst was a race it did not control: on 2 CPUs the client shares one with a worker, which could not run until
-    the client had opened all 16, and the other worker took them, one at a time (16 to 0 in about 1 run of 5)."""
+    connections (4 a worker, where there are more than 4) are opened and their requests sent; then each worker in
+    turn is resumed alone until it has taken a connection from the accept queue, and stopped again: with asyncio's
+    own accept the first has taken all 16 by then (3 runs of 3), with the server's a few (4 to 8, in 8 runs with
+    both CPUs kept busy); last, all are resumed. Opened to running workers, as this test first did, the burst was
+    a race it did not control (16 to 0 in about 1 run of 5); resuming the others beside the first once it had taken
+    one, as it did next, was a race too: the first served all 16 before the second had run, in 1 CI run of some
+    dozens. While it watches a worker, this test's process keeps off that worker's CPU, so as to stop it at once."""
     if default_workers() < 2:
         pytest.skip("one usable CPU: the default is one worker")
     with served(None, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}) as (url, proc, log):
@@ -344,23 +346,32 @@ def test_workers_take_turns_at_a_burst_of_new_connections(tmp_path: Path) -> Non
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         workers = [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == default_workers(), children
+        burst = max(16, 4 * len(workers))
         key = _answered_key("GET", "/healthz")
         before = _counts_by_worker(tmp_path, key)
         connections: list[socket.socket] = []
+        own_cpus = os.sched_getaffinity(0)
         try:
             for pid in workers:
                 os.kill(pid, signal.SIGSTOP)
             for pid in workers:
                 _wait_stopped(pid)
-            connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(16)]
+            connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(burst)]
             for conn in connections:
                 conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
-            assert _accept_queue(port) == 16
-            os.kill(workers[0], signal.SIGCONT)
-            deadline = time.monotonic() + 10
-            while _accept_queue(port) == 16 and time.monotonic() < deadline:  # until it has taken one
-                pass
+            left = _accept_queue(port)
+            assert left == burst
+            for pid in workers:  # each alone, until it has taken a connection or more, then stopped again
+                away = own_cpus - os.sched_getaffinity(pid)  # a pinned worker: watch it from another CPU
+                os.sched_setaffinity(0, away or own_cpus)
+                os.kill(pid, signal.SIGCONT)
+                _wait_for_queue_below(port, left)
+                os.kill(pid, signal.SIGSTOP)
+                _wait_stopped(pid)
+                left, took = _accept_queue(port), left
+                assert left > 0 or pid == workers[-1], f"a worker took all {took} waiting connections at one wake-up"
         finally:
+            os.sched_setaffinity(0, own_cpus)
             for pid in workers:
                 os.kill(pid, signal.SIGCONT)
         try:
@@ -373,10 +384,10 @@ def test_workers_take_turns_at_a_burst_of_new_connections(tmp_path: Path) -> Non
         while True:  # a request is counted just after its answer is sent
             after = _counts_by_worker(tmp_path, key)
             served_here = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
-            if sum(served_here.values()) == 16 or time.monotonic() > deadline:
+            if sum(served_here.values()) == burst or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert sum(served_here.values()) == 16, served_here
+        assert sum(served_here.values()) == burst, served_here
         assert len(served_here) == default_workers() and min(served_here.values()) >= 1, served_here
 
 
@@ -389,6 +400,14 @@ def _accept_queue(port: int) -> int:
         if fields[1] == local and fields[3] == "0A":  # LISTEN
             return int(fields[4].split(":")[1], 16)
     raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _wait_for_queue_below(port: int, n: int) -> None:
+    """Until a worker has taken a connection from the accept queue of `port` (up to 10 s), watching without pause:
+    the test stops the worker as soon as it has taken one."""
+    deadline = time.monotonic() + 10
+    while _accept_queue(port) >= n and time.monotonic() < deadline:
+        pass
 
 
 def _wait_stopped(pid: int) -> None:
