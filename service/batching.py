@@ -79,8 +79,10 @@ class MicroBatcher(Generic[Item, Result]):
 
     def _worker_ended(self, key: Hashable, worker: asyncio.Task[None]) -> None:
         """A worker cancelled before its first step never ran `_drain`, whose `finally` clears its entry and whose
-        `except` cancels the requests it would have served: done here instead, or they would wait for ever, and so would
-        every later item of `key`, left with a dead worker."""
+        `except` cancels the requests it would have served: done here instead, or they would wait for ever, and so
+        would every later item of `key`, left with a dead worker. An item submitted between the worker's end and
+        this callback (the loop's next turn) finds the dead worker's entry, and is cancelled with the rest: only the
+        loop's closing cancels a worker."""
         if self._workers.get(key) is not worker:  # `_drain` ran and cleaned up (and may have started the next)
             return
         del self._workers[key]

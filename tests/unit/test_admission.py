@@ -27,11 +27,11 @@ def threads_in_process() -> set[int]:
     return {int(task.name) for task in Path("/proc/self/task").iterdir()}
 
 
-def threads_made_by_a_forward_pass(thread_setup: functools.partial[None] | None) -> int:
-    """Threads this process gained, besides the compute thread itself, from running the CNN's module (torch's
-    oneDNN convolutions, as the feature maps' pipeline runs them) on a new compute thread (counted on that thread,
-    right after the pass). New thread ids are counted, not the change in the count: a thread joined just before
-    (the previous test's compute thread) can still be listed as it exits, and its going offset an OpenMP thread
+def threads_made_by_a_forward_pass(thread_setup: functools.partial[None] | None) -> set[int]:
+    """The ids of the threads this process gained, besides the compute thread itself, from running the CNN's module
+    (torch's oneDNN convolutions, as the feature maps' pipeline runs them) on a new compute thread (listed on that
+    thread, right after the pass). New thread ids, not the change in the count: a thread joined just before (the
+    previous test's compute thread) can still be listed as it exits, and its going offset an OpenMP thread
     (a run of the tests once read 0 for the control)."""
     serving = classifiers.load_classifier("cnn").on(torch.device("cpu"))
     digits = torch.rand(16, 1, 28, 28)
@@ -44,14 +44,14 @@ def threads_made_by_a_forward_pass(thread_setup: functools.partial[None] | None)
         return threads_in_process() - before - {threading.get_native_id()}
 
     try:
-        return len(asyncio.run(admission.run(forward)))
+        return asyncio.run(admission.run(forward))
     finally:
         admission.close()
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
 def test_a_compute_thread_set_up_with_one_torch_thread_starts_no_openmp_team() -> None:
-    assert threads_made_by_a_forward_pass(functools.partial(torch.set_num_threads, 1)) == 0
+    assert threads_made_by_a_forward_pass(functools.partial(torch.set_num_threads, 1)) == set()
 
 
 @pytest.mark.skipif(
@@ -60,7 +60,7 @@ def test_a_compute_thread_set_up_with_one_torch_thread_starts_no_openmp_team() -
 )
 def test_the_control_a_compute_thread_not_set_up_starts_a_team() -> None:
     """Without the set-up, the same pass leaves OpenMP's worker threads behind: what the first test rules out."""
-    assert threads_made_by_a_forward_pass(None) >= 1
+    assert len(threads_made_by_a_forward_pass(None)) >= 1
 
 
 @pytest.mark.parametrize(
