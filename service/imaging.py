@@ -85,8 +85,7 @@ def _decode_simple_png(data: bytes, max_pixels: int) -> Image.Image | None:
     if mode is None or depth != 8 or compression or filtering or interlace or not 0 < width * height <= max_pixels:
         return None
     view, pos, end = memoryview(data), 8, len(data)
-    idat: list[memoryview] = []
-    last = b""
+    idat: list[memoryview] = []  # one run of image data: after it, only more of it, then IEND
     for _ in range(_PLAIN_PNG_MAX_CHUNKS):
         if pos + 12 > end:
             return None
@@ -96,11 +95,11 @@ def _decode_simple_png(data: bytes, max_pixels: int) -> Image.Image | None:
             return None
         if kind == b"IEND":
             break
-        if kind == b"IDAT" and (not idat or last == b"IDAT"):  # one run of image data
+        if kind == b"IDAT":
             idat.append(view[pos + 8 : stop - 4])
         elif pos != 8 and (idat or _PNG_INERT_CHUNKS.get(kind) != length):  # not the IHDR, nor inert before the data
             return None
-        pos, last = stop, kind
+        pos = stop
     else:
         return None
     if stop != end or not idat:
