@@ -47,13 +47,19 @@ async def predict_digit(request: Request) -> Response:
     if payload.batch or settings.batch_max_size < 2:
         result = await runtime.compute.run(_predict, payload, classifier, settings)
     else:  # concurrent single predictions share one forward pass
-        key = (classifier.name, payload.options.device)
-        result = await runtime.batcher.submit(key, (payload, classifier, settings))
+        result = await runtime.batcher.submit(batch_key(classifier, payload.options), (payload, classifier, settings))
     # Built by our own code from validated parts: serialised once with orjson, not re-validated by FastAPI.
     return render.json_response(result)
 
 
 PredictJob = tuple[PredictPayload, classifiers.Classifier, Settings]
+
+
+def batch_key(classifier: classifiers.Classifier, options: PredictOptions) -> tuple[str, str]:
+    """The micro-batch a single prediction joins: its model and the device it resolves to, so that however a client
+    names a device ("auto", "cuda", "cuda:0") its predictions share forward passes with the others'. A device that is
+    not here is refused now (DeviceUnavailableError), before the request takes a place in a queue."""
+    return classifier.name, str(resolve_device(options.device))
 
 
 def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:

@@ -377,6 +377,50 @@ def test_concurrent_predictions_keep_their_own_answers_and_a_bad_one_fails_alone
             check_prediction(r.json(), LABELS[B64.index(requests[i]["json"]["image"])])
 
 
+def test_predictions_for_the_same_device_share_a_batch_however_it_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Devices "auto" and "cpu" (on a CPU-only machine) are one: predictions that wait together share a batch. A
+    device that is not here is refused before it takes a place in the queue."""
+    gate, held = threading.Event(), threading.Event()
+    prepare = classifiers.prepare_digit
+
+    def first_held(*args: Any) -> Any:
+        if not held.is_set():
+            held.set()
+            gate.wait(30)
+        return prepare(*args)
+
+    monkeypatch.setattr(classifiers, "prepare_digit", first_held)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what "auto" resolves to
+    with make_client(compute_slots=1) as c:
+        batcher = c.app_state["batcher"]
+        r = c.post("/v1/predict", json={"image": B64[0], "device": "cuda:9"})
+        assert_problem(r, 422, "device-unavailable", "device", "not available")
+        assert not batcher.batch_sizes  # refused, not queued
+        c.app_state["metrics"].requests_in_flight += 1  # as if another request were in flight: none runs inline
+        outcomes: list[Any] = [None] * 3
+
+        def send(i: int, device: str) -> None:
+            outcomes[i] = c.post("/v1/predict", json={"image": B64[i], "device": device})
+
+        threads = [threading.Thread(target=send, args=(0, device))]
+        threads[0].start()
+        assert held.wait(30)  # the first batch is computing, held
+        threads += [threading.Thread(target=send, args=(i, name)) for i, name in ((1, "auto"), (2, device))]
+        for t in threads[1:]:
+            t.start()
+        for _ in range(3000):  # until both wait for the next batch (10 ms polls, 30 s at most)
+            if sum(len(queue) for queue in batcher._pending.values()) == 2:
+                break
+            threading.Event().wait(0.01)
+        gate.set()
+        for t in threads:
+            t.join(60)
+        assert list(batcher.batch_sizes) == [1, 2]
+        for i, r in enumerate(outcomes):
+            assert r.status_code == 200, r.text
+            check_prediction(r.json(), LABELS[i])
+
+
 def test_batching_can_be_turned_off() -> None:
     with make_client(batch_max_size=1) as c:
         r = c.post("/v1/predict", json={"image": B64[0]})
