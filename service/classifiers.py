@@ -458,7 +458,7 @@ def cnn_featuremaps(
             conv_count += 1
             names = [f"conv{conv_count}[{c}]" for c in range(out.shape[0])]
         shape = (int(out.shape[0]), int(out.shape[1]), int(out.shape[2]))
-        results.append(StageResult(StagePlan(i, op, shape, tuple(names)), out))
+        results.append(StageResult.of(StagePlan(i, op, shape, tuple(names)), out))
     first = layers[0]
     assert isinstance(first, nn.Conv2d)
     kernels = first.weight.detach().cpu().numpy()  # (16, 1, 5, 5): one input channel, so 2-D kernels

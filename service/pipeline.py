@@ -121,6 +121,14 @@ class StagePlan:
 class StageResult:
     plan: StagePlan
     maps: torch.Tensor  # (C, H, W) float32, on the device it ran on
+    lo: float  # the maps' smallest value
+    hi: float  # and largest: NaN if any is NaN
+
+    @classmethod
+    def of(cls, plan: StagePlan, maps: torch.Tensor) -> StageResult:
+        """The stage with its extremes, found in one pass over the maps (and one wait, on a GPU)."""
+        lo, hi = torch.stack(torch.aminmax(maps)).tolist()
+        return cls(plan, maps, lo, hi)
 
 
 @dataclass(frozen=True)
@@ -473,12 +481,13 @@ def run_pipeline(
             x = run_layer(layer, x)
         check_deadline(deadline, f"computing stage {p.index} ({p.op})")
         if p.index in keep:
-            # NaN and inf show in the extremes: two reductions instead of a full boolean copy of the stage
-            if not (math.isfinite(float(x.amin())) and math.isfinite(float(x.amax()))):
+            stage = StageResult.of(p, x)
+            # NaN and inf show in the extremes: one reduction instead of a full boolean copy of the stage
+            if not (math.isfinite(stage.lo) and math.isfinite(stage.hi)):
                 raise PipelineSpecError.at(
                     ("layers", p.index), "values overflow float32 at this stage; use smaller kernel values or bias"
                 )
-            kept[p.index] = StageResult(p, x)
+            kept[p.index] = stage
     return PipelineResult(
         device=image.device,
         input_shape=(c, h, w),

@@ -45,8 +45,8 @@ def _stage_output(
         "op": stage.plan.op,
         "shape": [c, h, w],
         "channels": list(stage.plan.channels),
-        "min": float(maps.min()),
-        "max": float(maps.max()),
+        "min": stage.lo,
+        "max": stage.hi,
     }
     if output.format == "json" and output.tensor_encoding == "base64":
         values = to_host(maps.to(torch.float16 if output.dtype == "float16" else torch.float32))

@@ -391,3 +391,14 @@ def test_overflow_to_infinity_is_a_spec_error_not_a_response_with_inf() -> None:
     with pytest.raises(PipelineSpecError) as e:
         pipeline.run_pipeline(torch.ones(1, 8, 8), _spec(Conv((huge,))), Limits())
     assert e.value.issues[0].loc == ("layers", 0)
+
+
+def test_each_stage_carries_its_own_extremes(device: torch.device) -> None:
+    """The `min` and `max` a response shows come from the pipeline's one pass over each stage: they are the maps'."""
+    image = torch.from_numpy(RNG.standard_normal((1, 20, 24)).astype(np.float32)).to(device)
+    filters = tuple(Filter(f"k{i}", RNG.standard_normal((3, 3)).astype(np.float32)) for i in range(4))
+    result = pipeline.run_pipeline(image, _spec(Conv(filters), Activation("relu"), Pool("max", 2)), Limits())
+    assert [s.plan.index for s in result.stages] == [0, 1, 2]
+    for stage in result.stages:
+        maps = stage.maps.cpu().numpy()
+        assert (stage.lo, stage.hi) == (float(maps.min()), float(maps.max()))
