@@ -12,10 +12,45 @@ from service.errors import DeviceUnavailableError
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
 
 
+# A GPU this process can no longer use -> why: one whose warm-up failed (a wheel built for other GPUs: "no kernel
+# image is available"), or that failed a probe after a request's CUDA error (a device-side assert or an illegal
+# memory access leaves its context broken for good). "auto" then means the next device, and asking for it by name is
+# refused with the reason. The CPU is never taken out: it is what is left.
+_out_of_service: dict[str, str] = {}
+
+
 def available_devices() -> list[str]:
-    """`["cpu", "cuda:0", ...]`: CPU always, then each visible CUDA device."""
+    """`["cpu", "cuda:0", ...]`: CPU always, then each visible CUDA device still in service."""
+    return [name for name in _visible_devices() if name not in _out_of_service]
+
+
+def _visible_devices() -> list[str]:
     cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return ["cpu", *cuda]
+
+
+def take_out_of_service(name: str, reason: str) -> None:
+    """Serve no more on the GPU `name` (`"cuda:0"`), because of `reason`; the CPU stays."""
+    if name != "cpu":
+        _out_of_service[name] = reason
+
+
+def probe(name: str) -> None:
+    """Run one tiny computation on the device and wait for it: raises if the device cannot compute."""
+    torch.ones(1, device=name).add_(1).cpu()
+
+
+def take_failed_devices_out_of_service() -> list[str]:
+    """After a request's device error: probe each GPU still in service, take out those that fail, and return
+    their names. A GPU whose probe passes had a passing error, and stays."""
+    failed = []
+    for name in available_devices()[1:]:
+        try:
+            probe(name)
+        except Exception as e:  # any failure to compute: the device is no longer usable
+            take_out_of_service(name, f"it failed after a device error ({e})")
+            failed.append(name)
+    return failed
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -27,7 +62,8 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device(available[1] if len(available) > 1 else "cpu")
     name = "cuda:0" if requested == "cuda" else requested
     if name not in available:
-        raise DeviceUnavailableError(requested, available)
+        why = _out_of_service.get(name)
+        raise DeviceUnavailableError(requested, available, f"{name} was taken out of service: {why}" if why else None)
     return torch.device(name)
 
 

@@ -112,10 +112,11 @@ class UnauthorizedError(FeatureMapError):
 class DeviceUnavailableError(FeatureMapError):
     """The requested compute device is not present; `available` lists those that are."""
 
-    def __init__(self, requested: str, available: Sequence[str]) -> None:
+    def __init__(self, requested: str, available: Sequence[str], why: str | None = None) -> None:
         self.requested = requested
         self.available = tuple(available)
-        detail = f"device {requested!r} is not available here; available: {', '.join(self.available)}"
+        because = f" ({why})" if why else ""
+        detail = f"device {requested!r} is not available here{because}; available: {', '.join(self.available)}"
         super().__init__(detail, ("device",))
 
 

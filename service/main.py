@@ -3,6 +3,7 @@ RFC 9457 problem+json from the one mapping below. `app` is what `uvicorn service
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -40,7 +41,7 @@ from service.batching import MicroBatcher
 from service.classifiers import Registry
 from service.config import Settings
 from service.cpus import CPU_CLAIMS_ENV, READY_DIR_ENV, pin_worker, threads_per_slot, worker_processes
-from service.devices import use_ieee_float32
+from service.devices import take_failed_devices_out_of_service, use_ieee_float32
 from service.errors import (
     DeviceUnavailableError,
     FeatureMapError,
@@ -186,13 +187,28 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(torch.OutOfMemoryError)
     @app.exception_handler(MemoryError)
     async def out_of_memory(request: Request, exc: Exception) -> Response:
-        # The request's tensors are gone once its frames unwind; give the allocator's cache back too.
+        # Nothing to free here: torch's caching allocator has already given back its cache and tried again before
+        # it raised, and the request's tensors go as its frames unwind.
         log.warning("out of memory on %s %s: %s", request.method, request.url.path, exc)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         detail = "the device ran out of memory for this request; retry later or ask for less"
         status, title, _ = OTHER_PROBLEMS["out-of-memory"]
         return problem(status, detail, request, "out-of-memory", title, headers={"Retry-After": "1"})
+
+    @app.exception_handler(torch.AcceleratorError)
+    async def device_error(request: Request, exc: Exception) -> Response:
+        # A CUDA error: out of memory where torch does not raise OutOfMemoryError (pinned host memory, cuBLAS's
+        # workspace), or a device that failed. A GPU that can no longer compute is taken out of service (`auto` then
+        # means the next device) rather than fail every request sent to it; the probe waits on the GPU, so it runs
+        # on a thread, not on the event loop.
+        if "out of memory" in str(exc):
+            return await out_of_memory(request, exc)
+        rid = getattr(request.state, "request_id", "")
+        log.error("device error on %s %s", request.method, request.url.path, exc_info=exc, extra={"request_id": rid})
+        failed = await asyncio.to_thread(take_failed_devices_out_of_service)
+        taken = f"; {', '.join(failed)} no longer computes and is out of service" if failed else ""
+        detail = f"the device failed while computing this request{taken}; retry (logged with request id {rid})"
+        status, title, _ = OTHER_PROBLEMS["device-failed"]
+        return problem(status, detail, request, "device-failed", title, headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:

@@ -13,7 +13,7 @@ import torch
 
 from service import pipeline
 from service.classifiers import Registry
-from service.devices import available_devices
+from service.devices import available_devices, take_out_of_service
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,20 @@ def warm_up(readiness: Readiness, registry: Registry, models_dir: Path) -> None:
         log.exception("loading the models from %s failed; the service stays not ready", models_dir)
         readiness.mark_failed()
         return
-    try:
-        with torch.inference_mode():
-            for name in available_devices():
+    for name in available_devices():
+        try:
+            with torch.inference_mode():
                 device = torch.device(name)
                 pipeline.run_pipeline(torch.rand(1, 64, 64, device=device), pipeline.PipelineSpec(), pipeline.Limits())
                 for model in registry.names():
                     for size in (1, 16):  # a lone digit, and a batch as concurrent predictions make
                         registry.get(model).probabilities_of(torch.rand(size, 1, 28, 28).numpy(), device)  # as served
-    except Exception:  # a failed warm-up must not keep the service down: requests will pay the cost instead
-        log.exception("warm-up failed; serving without it")
+        except Exception as e:
+            if name == "cpu":  # a failed warm-up must not keep the service down: requests will pay the cost instead
+                log.exception("warm-up on the CPU failed; serving without it")
+            else:  # a GPU that cannot run the work would fail every request that "auto" sent it
+                log.exception("warm-up on %s failed; it is taken out of service", name, extra={"device": name})
+                take_out_of_service(name, f"its warm-up failed ({e})")
     # The hundreds of thousands of objects made so far (torch, the app, the models) live as long as the process:
     # moved out of the collector's sight, they are no longer traversed by every full collection while serving.
     # (A request that arrived during warm-up may have some of its objects frozen too: a one-off, bounded.)

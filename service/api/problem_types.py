@@ -52,6 +52,7 @@ PROBLEM_TYPES: tuple[tuple[type[FeatureMapError], int, str, str, str], ...] = (
 OTHER_PROBLEMS: dict[str, tuple[int, str, str]] = {
     "invalid-request": (422, "Invalid request", "A field has the wrong type or value; `errors` lists each one."),
     "out-of-memory": (503, "Out of memory", "The device ran out of memory for this request; retry later or ask less."),
+    "device-failed": (503, "Device failed", "A GPU failed on the request; one that no longer computes is taken out."),
 }
 
 

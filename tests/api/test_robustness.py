@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service import pipeline
+from service import devices, pipeline
 from service.__main__ import LOG_CONFIG
 from service.admission import Admission
 from service.config import Settings
@@ -108,7 +108,12 @@ def test_unexpected_errors_are_500_problems_without_internals(
 
 
 @pytest.mark.parametrize(
-    "error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB"), MemoryError()]
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB"),
+        torch.AcceleratorError("CUDA error: out of memory"),  # pinned host memory: not an OutOfMemoryError
+        MemoryError(),
+    ],
 )
 def test_out_of_memory_is_a_503_and_the_server_stays_up(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
     def oom(*args: Any, **kwargs: Any) -> None:
@@ -123,6 +128,32 @@ def test_out_of_memory_is_a_503_and_the_server_stays_up(monkeypatch: pytest.Monk
         assert c.post(URL, files=FILES, data=SMALL).status_code == 200
         # Every request, the 500 too, has left the worker's count: a lone light prediction may run on the loop again.
         assert c.app_state["metrics"].requests_in_flight == 0
+
+
+@pytest.mark.parametrize("probe_fails", [True, False], ids=["the gpu no longer computes", "a passing error"])
+def test_a_device_error_is_a_503_and_a_gpu_that_no_longer_computes_is_taken_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, probe_fails: bool
+) -> None:
+    def device_error(*args: Any, **kwargs: Any) -> None:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    def probe(name: str) -> None:
+        if probe_fails:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(devices, "_visible_devices", lambda: ["cpu", "cuda:0"])  # as if torch saw a GPU
+    monkeypatch.setattr(devices, "_out_of_service", {})
+    monkeypatch.setattr(devices, "probe", probe)
+    with make_client() as c:
+        monkeypatch.setattr(pipeline, "run_pipeline", device_error)
+        with caplog.at_level(logging.ERROR, logger="service"):
+            r = c.post(URL, files=FILES, data={"spec": '{"device": "cpu"}'}, headers={"X-Request-ID": "gpu-1"})
+        fragment = "cuda:0 no longer computes and is out of service" if probe_fails else "retry (logged"
+        assert_problem(r, 503, "device-failed", None, fragment)
+        assert r.headers["retry-after"] == "1" and "gpu-1" in r.json()["detail"]
+        assert any(rec.exc_info and "illegal memory access" in str(rec.exc_info[1]) for rec in caplog.records)
+        assert devices.available_devices() == (["cpu"] if probe_fails else ["cpu", "cuda:0"])
+        monkeypatch.undo()
 
 
 def test_compute_deadline_stops_the_work_with_a_504() -> None:

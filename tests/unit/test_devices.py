@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from service import devices, pipeline, readiness
+from service.classifiers import MODELS_DIR, Registry
 from service.config import Settings
 from service.devices import to_host, use_ieee_float32
+from service.errors import DeviceUnavailableError
 from service.main import create_app
 from tests.conftest import DEVICES
 
@@ -48,3 +53,58 @@ def test_a_convolution_agrees_with_float64_to_float32_rounding(device: str) -> N
     got = to_host(F.conv2d(torch.from_numpy(x).to(device), torch.from_numpy(w).to(device)))
     want = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double()).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.fixture
+def a_gpu(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A machine whose torch sees one GPU (the probe of which fails once `broken` holds its name), with every
+    device in service: the state each test starts from, restored after it."""
+    broken: list[str] = []
+
+    def probe(name: str) -> None:
+        if name in broken:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(devices, "_visible_devices", lambda: ["cpu", "cuda:0"])
+    monkeypatch.setattr(devices, "_out_of_service", {})
+    monkeypatch.setattr(devices, "probe", probe)
+    return broken
+
+
+def test_a_gpu_that_fails_its_probe_is_taken_out_and_auto_falls_back_to_the_cpu(a_gpu: list[str]) -> None:
+    assert devices.resolve_device("auto") == torch.device("cuda:0")
+    assert devices.take_failed_devices_out_of_service() == []  # a passing error: the GPU stays
+    assert devices.available_devices() == ["cpu", "cuda:0"]
+    a_gpu.append("cuda:0")
+    assert devices.take_failed_devices_out_of_service() == ["cuda:0"]
+    assert devices.available_devices() == ["cpu"]
+    assert devices.resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(DeviceUnavailableError) as e:
+            devices.resolve_device(name)
+        assert e.value.available == ("cpu",)
+        assert "cuda:0 was taken out of service: it failed after a device error (CUDA error: an illegal" in str(e.value)
+    assert devices.take_failed_devices_out_of_service() == []  # probed no more
+    devices.take_out_of_service("cpu", "never")
+    assert devices.available_devices() == ["cpu"]  # the CPU is what is left: never taken out
+
+
+def test_a_gpu_whose_warm_up_fails_is_taken_out_and_the_service_is_ready_on_the_cpu(
+    a_gpu: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = pipeline.run_pipeline
+
+    def cpu_only(image: torch.Tensor, *args: Any) -> Any:  # on a GPU machine: a torch built for other GPUs
+        if image.device.type != "cpu":
+            raise torch.AcceleratorError("CUDA error: no kernel image is available for execution on the device")
+        return run(image, *args)
+
+    monkeypatch.setattr(pipeline, "run_pipeline", cpu_only)
+    ready, registry = readiness.Readiness(), Registry()
+    with caplog.at_level(logging.ERROR, logger="service.readiness"):
+        readiness.warm_up(ready, registry, MODELS_DIR)
+    assert ready.ready and registry.loaded
+    assert devices.available_devices() == ["cpu"]
+    assert [r.getMessage() for r in caplog.records] == ["warm-up on cuda:0 failed; it is taken out of service"]
+    with pytest.raises(DeviceUnavailableError, match=r"cuda:0 was taken out of service: its warm-up failed \("):
+        devices.resolve_device("cuda")
