@@ -141,5 +141,8 @@ class _Reader:
 def _decode(raw: bytes, charset: str) -> str:
     try:
         return raw.decode(charset)
-    except (UnicodeDecodeError, LookupError):  # LookupError: a codec that is not a text encoding (base64, say)
+    # UnicodeError: bytes the charset cannot decode, or a codec that decodes nothing ("undefined") or only some
+    # text ("punycode", "idna"), which raise it plain, not as a UnicodeDecodeError (Starlette's parser lets those
+    # through: a 500); LookupError: a codec that is not a text encoding (base64, say)
+    except (UnicodeError, LookupError):
         return raw.decode("latin-1")

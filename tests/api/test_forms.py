@@ -119,6 +119,16 @@ def test_a_file_part_reads_as_utf8_text() -> None:
     assert form["spec"].is_file and form["spec"].text() == '{"é": 1}'
 
 
+@pytest.mark.parametrize("charset", ["undefined", "punycode", "idna"])
+def test_a_codec_that_raises_a_plain_unicode_error_reads_as_latin1(charset: str) -> None:
+    """Codecs that raise UnicodeError, not UnicodeDecodeError, on some bytes (all of them; a "_"; an "xn--" label
+    that is no punycode): those names and fields read as latin-1, as with an unknown charset (Starlette's parser, the
+    reference above, raises instead: a 500)."""
+    data = body(part("top_k", b"3"), part("q", b"xn--zz"))
+    form = parse_form(f"{CTYPE}; charset={charset}", data, max_files=1, max_fields=2)
+    assert form["top_k"].text() == "3" and [p.text() for p in form.values()] == ["3", "xn--zz"]
+
+
 SNIPPETS = [b"\r\n", b"--xyz", b"--xyz\r\n", b"--xyz--", b'name="q"', b'filename="f"', b"\r\n\r\n", b";", b'"']
 
 
