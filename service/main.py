@@ -210,6 +210,12 @@ def install_problem_handlers(app: FastAPI) -> None:
         status, title, _ = OTHER_PROBLEMS["device-failed"]
         return problem(status, detail, request, "device-failed", title, headers={"Retry-After": "1"})
 
+    @app.exception_handler(RuntimeError)
+    async def runtime_error(request: Request, exc: Exception) -> Response:
+        if "can't allocate memory" in str(exc):  # torch's CPU allocator, refused memory: not a MemoryError
+            return await out_of_memory(request, exc)
+        raise exc  # on to the outermost handler, `unexpected_error` (a 500)
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         # This answer bypasses the request-id middleware (it is sent from outside it), so it sets the header.

@@ -326,6 +326,12 @@ def _plan_conv(
         if layer.padding_mode == "circular" and (max(top, bottom) > h or max(left, right) > w):
             raise PipelineSpecError.at((*loc, "padding"), f"circular padding must not exceed the {h}x{w} input")
         ph, pw = h + top + bottom, w + left + right
+        if c * (ph * pw - h * w) > limits.max_output_elements:  # padding makes a copy of the input, bounded alike
+            raise LimitExceededError(
+                f"stage {loc[-1]}'s padding makes its {c}x{h}x{w} input {c}x{ph}x{pw}, {c * (ph * pw - h * w):,} "
+                f"elements more; the limit is {limits.max_output_elements:,}",
+                (*loc, "padding"),
+            )
         if kh > ph or kw > pw:
             raise PipelineSpecError.at(
                 (*floc, "kernel"), f"kernel {kh}x{kw} is larger than its {ph}x{pw} (padded) input"

@@ -85,6 +85,8 @@ JSON_CASES: list[tuple[str, Any, int, str, str | None, str]] = [
     ("too many filters", spec_with(layers=[conv(filters=["identity"] * 65)]), 413, "limit-exceeded", "layers[0].filters", "limit is 64"),
     ("kernel too big", spec_with(layers=[conv(filters=[{"kernel": [[0] * 33] * 33}])]), 413, "limit-exceeded", "layers[0].filters[0]", "largest kernel side allowed is 31"),
     ("output too large", spec_with(layers=[conv(filters=["identity"] * 64, padding="same"), conv(filters=["identity"] * 64, padding="same")]), 413, "limit-exceeded", "layers[1]", "stage 1 (conv"),
+    # 2-D kernels on every channel: 3 -> 192 -> 12,288 channels of 1x1, then a 201x201 padded copy of each (2 GB)
+    ("padding too large", spec_with(color="rgb", layers=[conv(filters=[{"kernel": [[1]]}] * 64, stride=1024)] * 2 + [conv(filters=[{"kernel": [[1]]}], padding=100, stride=1024)]), 413, "limit-exceeded", "layers[2].padding", "input 12288x201x201, 496,435,200 elements more; the limit is 50,000,000"),
     ("NaN kernel", with_image('{"layers": [{"op": "conv", "filters": [{"kernel": [[NaN, 1]]}]}]}'), 422, "invalid-spec", "layers[0].filters[0].kernel", "non-finite"),
     ("infinite kernel", with_image('{"layers": [{"op": "conv", "filters": [{"kernel": [[1, -Infinity]]}]}]}'), 422, "invalid-spec", "layers[0].filters[0].kernel", "non-finite"),
     ("infinite bias", with_image('{"layers": [{"op": "conv", "filters": "seed4", "bias": Infinity}]}'), 422, "invalid-request", "layers[0].bias", "finite"),

@@ -112,6 +112,7 @@ def test_unexpected_errors_are_500_problems_without_internals(
     [
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB"),
         torch.AcceleratorError("CUDA error: out of memory"),  # pinned host memory: not an OutOfMemoryError
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 206359805952 bytes."),
         MemoryError(),
     ],
 )

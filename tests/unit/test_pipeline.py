@@ -344,6 +344,8 @@ LIMIT_ERRORS = [
     ("kernel side", Limits(max_kernel_size=2), _spec(Conv(K3)), ("layers", 0, "filters", 0)),
     ("output elements", Limits(max_output_elements=100), _spec(Activation(), Activation()), ("layers", 1)),
     ("work", Limits(max_macs=10), _spec(Conv(K3)), ("layers", 0)),
+    # One 1x1 output, but a 28x28 padded copy of the 8x8 input: 720 elements more
+    ("padding", Limits(max_output_elements=719), _spec(Conv((Filter("one", np.ones((1, 1), np.float32)),), stride=99, padding=10)), ("layers", 0, "padding")),
 ]
 # fmt: on
 
