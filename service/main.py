@@ -27,6 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
@@ -184,6 +185,12 @@ def install_problem_handlers(app: FastAPI) -> None:
             detail = f"{request.method} is not allowed on {request.url.path}"
         return problem(exc.status_code, detail, request, headers=dict(exc.headers) if exc.headers else None)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # The client closed its connection before its body was complete: no one to answer, nothing went wrong here.
+        # 499 ("client closed request", as nginx logs it) goes to the access log and the metrics, not a 500.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     @app.exception_handler(torch.OutOfMemoryError)
     @app.exception_handler(MemoryError)
     async def out_of_memory(request: Request, exc: Exception) -> Response:
@@ -226,6 +233,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 
 _HTTP_DETAIL = {400: "the request could not be parsed"}
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away before it was answered
 
 
 def _drain_on_sigterm(readiness: Readiness, delay_s: float) -> Callable[[], None]:

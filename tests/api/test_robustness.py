@@ -157,6 +157,38 @@ def test_a_device_error_is_a_503_and_a_gpu_that_no_longer_computes_is_taken_out(
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [("/v1/predict", "application/json"), ("/v1/featuremaps", "application/json"), ("/v2/models/cnn/infer", "")],
+)
+def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_server_error(
+    client: TestClient, caplog: pytest.LogCaptureFixture, path: str, content_type: str
+) -> None:
+    """The client sends part of its body and closes: counted and logged as 499, nginx's "client closed request"."""
+    parts = [{"type": "http.request", "body": b'{"pix', "more_body": True}, {"type": "http.disconnect"}]
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    headers = [(b"content-length", b"100")] + ([(b"content-type", content_type.encode())] if content_type else [])
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "state": dict(client.app_state),
+    }  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="service"):
+        asyncio.run(client.app(scope, receive, send))
+    assert messages[0]["type"] == "http.response.start" and messages[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    [line] = [r for r in caplog.records if r.name == "service.access"]
+    assert getattr(line, "status", None) == 499
+    assert re.search(r'requests_total\{method="POST",route="[^"]+",status="499"\} 1', client.get("/metrics").text)
+
+
 def test_compute_deadline_stops_the_work_with_a_504() -> None:
     with make_client(compute_timeout_s=1e-9) as c:
         assert_problem(c.post(URL, files=FILES), 504, "compute-timeout", None, "limit")
