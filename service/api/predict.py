@@ -15,7 +15,9 @@ from service.api.docs import image_request_body, problem_responses
 from service.api.routing import DirectRoute
 from service.classifiers import MNIST_SIZE
 from service.config import Settings
+from service.deadline import Deadline
 from service.devices import resolve_device
+from service.errors import format_loc
 from service.schemas import ONE_PIXELS, BatchPredictResponse, DigitPrediction, PredictOptions, PredictResponse
 
 _ERRORS = problem_responses(400, 401, 408, 413, 415, 422, 503, 504)
@@ -116,12 +118,14 @@ def _predict(
     payload: PredictPayload, classifier: classifiers.Classifier, settings: Settings
 ) -> PredictResponse | BatchPredictResponse:
     """The work, on a compute thread: preprocess each digit, run the net once on the batch."""
+    deadline = Deadline.after(settings.compute_timeout_s)  # a batch of large images takes a second or more each
     options = payload.options
     device = resolve_device(options.device)
-    digits = [
-        classifiers.prepare_digit(value, options.preprocess, settings.max_image_pixels, loc)
-        for loc, value in payload.inputs
-    ]
+    digits = []
+    for loc, value in payload.inputs:
+        deadline.check(f"preparing {format_loc(loc)}")
+        digits.append(classifiers.prepare_digit(value, options.preprocess, settings.max_image_pixels, loc))
+    deadline.check("preparing the last digit")
     predictions = classifier.predict(digits, device)
     if payload.batch:
         answers = [render.digit_prediction(p, options, DigitPrediction) for p in predictions]

@@ -4,6 +4,7 @@ deadlines, admission control, API keys and CORS."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import logging.config
@@ -193,6 +194,8 @@ def test_compute_deadline_stops_the_work_with_a_504() -> None:
     with make_client(compute_timeout_s=1e-9) as c:
         assert_problem(c.post(URL, files=FILES), 504, "compute-timeout", None, "limit")
         assert_problem(c.post("/v1/models/cnn/featuremaps", files=FILES), 504, "compute-timeout", None, "limit")
+        batch = {"images": [base64.b64encode(DOG.read_bytes()).decode()] * 2}
+        assert_problem(c.post("/v1/predict", json=batch), 504, "compute-timeout", None, "while preparing images[0]")
 
 
 def test_metrics_count_requests_per_route_and_status(client: TestClient) -> None:
