@@ -424,7 +424,8 @@ class Registry:
             return self._classifiers[name]
         except KeyError:
             models = ", ".join(self._classifiers)
-            raise UnknownModelError(f"unknown model {name!r}; models: {models}", loc) from None
+            shown = name if len(name) <= 40 else f"{name[:40]}..."  # a name is echoed, not a client's essay
+            raise UnknownModelError(f"unknown model {shown!r}; models: {models}", loc) from None
 
 
 # --- the trained CNN seen from inside ---------------------------------------------------------------------------

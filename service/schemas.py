@@ -32,23 +32,30 @@ class InlineFilter(BaseModel):
     )
 
 
-def _tag_by_type(value: Any) -> str:
+def _tag_by_type(value: Any) -> str | None:
     """Union tag from the JSON type, so a client sees the error of the branch it meant, not of every branch."""
     if isinstance(value, str):
-        return "name"
+        return "string"
     if isinstance(value, list):
         return "items"
     if isinstance(value, dict):
         return "object"
-    return "number"
+    return None if value is None else "number"
 
 
-# Tags pydantic puts into error locations; the error handler drops them from field paths.
-UNION_TAGS = frozenset({"name", "items", "object", "number", "conv", "activation", "leaky_relu", "pool"})
+def _by_type(expected: str) -> Discriminator:
+    """A union whose branch the JSON type picks; a value of any other type is refused with `expected`, which says
+    what the field takes (pydantic's own message names the tags and this function)."""
+    return Discriminator(_tag_by_type, custom_error_type="invalid_type", custom_error_message=expected)
+
+
+# Tags pydantic puts into error locations; the error handler drops them from field paths. None is also a field's
+# name (a filter's `name` is), so the tags are JSON's type names: "string", not "name".
+UNION_TAGS = frozenset({"string", "items", "object", "number", "conv", "activation", "leaky_relu", "pool"})
 
 FilterRef = Annotated[
-    Annotated[str, Tag("name")] | Annotated[InlineFilter, Tag("object")],
-    Discriminator(_tag_by_type),
+    Annotated[str, Tag("string")] | Annotated[InlineFilter, Tag("object")],
+    _by_type("must be a preset name or a {name, kernel} object"),
 ]
 
 
@@ -59,16 +66,16 @@ class ConvLayer(BaseModel):
 
     op: Literal["conv"]
     filters: Annotated[
-        Annotated[str, Tag("name")] | Annotated[list[FilterRef], Tag("items")],
-        Discriminator(_tag_by_type),
+        Annotated[str, Tag("string")] | Annotated[list[FilterRef], Tag("items")],
+        _by_type("must be a bank or preset name, or a list of preset names and {name, kernel} objects"),
     ] = Field(
         description="A bank or preset name (`seed4`), or a list of preset names and `{name, kernel}` objects.",
         examples=["seed4", ["sobel_x", "sobel_y"], [{"name": "edge", "kernel": KERNEL_EXAMPLE}]],
     )
     stride: int = Field(1, ge=1, le=1024)
     padding: Annotated[
-        Annotated[Literal["valid", "same"], Tag("name")] | Annotated[int, Field(ge=0, le=1024), Tag("number")],
-        Discriminator(_tag_by_type),
+        Annotated[Literal["valid", "same"], Tag("string")] | Annotated[int, Field(ge=0, le=1024), Tag("number")],
+        _by_type("must be 'valid', 'same' or a number of pixels"),
     ] = Field("valid", description="`valid` (none), `same` (anchored at the kernel centre, as filter2D), or pixels.")
     padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = Field(
         "zeros", description="`reflect` is OpenCV's BORDER_REFLECT_101 (filter2D's default border)."
@@ -76,7 +83,7 @@ class ConvLayer(BaseModel):
     bias: (
         Annotated[
             Annotated[float, Tag("number")] | Annotated[list[float], Tag("items")],
-            Discriminator(_tag_by_type),
+            _by_type("must be a number, or a list of one number per filter"),
         ]
         | None
     ) = Field(None, description="Added to each filter's maps: one number for all, or one per filter.")
@@ -139,9 +146,9 @@ class OutputOptions(BaseModel):
 
     format: Literal["png", "json"] = Field("png", description="`png`: 8-bit PNG per map; `json`: exact float32.")
     stages: Annotated[
-        Annotated[Literal["all"], Tag("name")]
+        Annotated[Literal["all"], Tag("string")]
         | Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=256), Tag("items")],
-        Discriminator(_tag_by_type),
+        _by_type("must be 'all' or a list of stage indices"),
     ] = Field("all", description="`all`, or the indices (into `layers`) of the stages to return, in that order.")
     scale: Literal["per_map", "per_stage", "none"] = Field(
         "per_map",
@@ -393,8 +400,8 @@ PixelRows = Annotated[
     list[list[float]], Field(description="28 rows of 28 numbers: 0..255, or 0..1 when no value exceeds 1.")
 ]
 BatchItem = Annotated[
-    Annotated[str, Tag("name")] | Annotated[PixelRows, Tag("items")],
-    Discriminator(_tag_by_type),
+    Annotated[str, Tag("string")] | Annotated[PixelRows, Tag("items")],
+    _by_type("must be a base64-encoded image, or 28 rows of 28 pixel values"),
 ]
 
 

@@ -23,7 +23,6 @@ from service.config import Settings
 from service.deadline import Deadline
 from service.devices import resolve_device
 from service.schemas import (
-    MODEL_PATTERN,
     DigitPrediction,
     ModelCard,
     ModelFeaturemapsResponse,
@@ -36,7 +35,8 @@ router = APIRouter(
     prefix="/v1/models", tags=["models"], dependencies=[ApiKeyDep], responses=problem_responses(401, 404, 503)
 )
 
-ModelName = Annotated[str, Path(pattern=MODEL_PATTERN, examples=["cnn"])]
+# Not held to the `model` field's pattern: any name but a served one is a 404 (unknown-model), as on /v2.
+ModelName = Annotated[str, Path(examples=["cnn"], description="A served model: see /v1/models.")]
 
 REQUEST_BODY = image_request_body(
     {

@@ -87,6 +87,12 @@ JSON_CASES: list[tuple[str, Any, int, str, str | None, str]] = [
     ("output too large", spec_with(layers=[conv(filters=["identity"] * 64, padding="same"), conv(filters=["identity"] * 64, padding="same")]), 413, "limit-exceeded", "layers[1]", "stage 1 (conv"),
     # 2-D kernels on every channel: 3 -> 192 -> 12,288 channels of 1x1, then a 201x201 padded copy of each (2 GB)
     ("padding too large", spec_with(color="rgb", layers=[conv(filters=[{"kernel": [[1]]}] * 64, stride=1024)] * 2 + [conv(filters=[{"kernel": [[1]]}], padding=100, stride=1024)]), 413, "limit-exceeded", "layers[2].padding", "input 12288x201x201, 496,435,200 elements more; the limit is 50,000,000"),
+    ("an inline filter's name not text", spec_with(layers=[conv(filters=[{"name": 5, "kernel": [[1]]}])]), 422, "invalid-request", "layers[0].filters[0].name", "valid string"),
+    ("filters a number", spec_with(layers=[conv(filters=5)]), 422, "invalid-request", "layers[0].filters", "must be a bank or preset name, or a list"),
+    ("a filter a number", spec_with(layers=[conv(filters=[5])]), 422, "invalid-request", "layers[0].filters[0]", "must be a preset name or a {name, kernel} object"),
+    ("padding null", spec_with(layers=[conv(padding=None)]), 422, "invalid-request", "layers[0].padding", "must be 'valid', 'same' or a number of pixels"),
+    ("bias text", spec_with(layers=[conv(bias="1")]), 422, "invalid-request", "layers[0].bias", "must be a number, or a list"),
+    ("stages a number", spec_with(output={"stages": 5}), 422, "invalid-request", "output.stages", "must be 'all' or a list of stage indices"),
     ("NaN kernel", with_image('{"layers": [{"op": "conv", "filters": [{"kernel": [[NaN, 1]]}]}]}'), 422, "invalid-spec", "layers[0].filters[0].kernel", "non-finite"),
     ("infinite kernel", with_image('{"layers": [{"op": "conv", "filters": [{"kernel": [[1, -Infinity]]}]}]}'), 422, "invalid-spec", "layers[0].filters[0].kernel", "non-finite"),
     ("infinite bias", with_image('{"layers": [{"op": "conv", "filters": "seed4", "bias": Infinity}]}'), 422, "invalid-request", "layers[0].bias", "finite"),

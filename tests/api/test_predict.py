@@ -140,6 +140,14 @@ def test_cnn_featuremaps_json_stages_and_montage(client: TestClient) -> None:
 
 # (id, request kwargs, status, problem type, field, fragment)
 PREDICT_ERRORS: list[tuple[str, dict[str, Any], int, str, str | None, str]] = [
+    (
+        "a batch item a number",
+        {"json": {"images": [1]}},
+        422,
+        "invalid-request",
+        "images[0]",
+        "must be a base64-encoded image, or 28 rows",
+    ),
     ("unknown model, JSON", {"json": {"model": "resnet", "image": B64[0]}}, 422, "unknown-model", "model", "cnn, mlp"),
     (
         "unknown model, form",
@@ -267,7 +275,17 @@ def test_predict_errors(
     [
         ("GET", "/v1/models/resnet", {}, 404, "unknown-model", "cnn, mlp"),
         ("GET", "/v1/models/..%2F..%2Fetc", {}, 404, "about:blank", "no route"),
-        ("GET", "/v1/models/UPPER", {}, 422, "invalid-request", "pattern"),
+        ("GET", "/v1/models/UPPER", {}, 404, "unknown-model", "unknown model 'UPPER'; models: cnn, mlp"),
+        ("GET", "/v1/models/cnn%20", {}, 404, "unknown-model", "unknown model 'cnn '"),
+        ("GET", "/v1/models/" + "x" * 5000, {}, 404, "unknown-model", "unknown model '" + "x" * 40 + "...'; models"),
+        (
+            "POST",
+            "/v1/models/CNN/featuremaps",
+            {"files": {"image": ("d.png", DRAWN[0])}},
+            404,
+            "unknown-model",
+            "'CNN'",
+        ),
         (
             "POST",
             "/v1/models/mlp/featuremaps",
