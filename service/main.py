@@ -375,8 +375,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Routing tries the routers in this order, so the most requested come first: each one a request passes costs
     # it about 10 µs (the predict route was 6th: 60-90 µs a request, measured in-process). The OpenAPI document
     # and /docs list them in the same order.
-    routers = (predict, featuremaps, models, oip, filters, health, metrics_api, problem_types, demo)
-    for router in (*(m.router for m in routers), predict.unversioned):
+    before = (predict, featuremaps, models, oip)
+    after = (filters, health, metrics_api, problem_types, demo)
+    for router in (*(m.router for m in before), oip.models_router, *(m.router for m in after), predict.unversioned):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:

@@ -56,8 +56,11 @@ def _problems(*statuses: int, described: dict[int, str] | None = None) -> dict[i
 
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+# Included by the app beside `router`, not into it: a route of a router included into another keeps its own path
+# ("/models/{name}/infer"), which the metrics and the access log would then show without "/v2".
 models_router = APIRouter(
-    prefix="/models",
+    prefix="/v2/models",
+    tags=["open inference protocol"],
     dependencies=[ApiKeyDep],
     responses=_problems(401, 404, 422, 503, described={404: "No such model or version"}),
 )
@@ -328,6 +331,3 @@ def _run_inference(
     output["data"] = probabilities.ravel()  # float32: orjson writes the shortest decimals that read back exactly
     head["outputs"] = [output]
     return Response(orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
-
-
-router.include_router(models_router)

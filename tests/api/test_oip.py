@@ -396,3 +396,12 @@ def test_openapi_documents_the_json_body_and_the_binary_extension(client: TestCl
     example = body["examples"]["uint8"]["value"]
     r = client.post(URL, json=example)
     assert r.status_code == 200 and r.json()["id"] == "a-1" and outputs(r.json()).argmax(1).tolist() == [1]
+
+
+def test_metrics_and_the_access_log_name_v2_routes_in_full(client: TestClient) -> None:
+    client.get("/v2/models/cnn/ready")
+    client.post("/v2/models/cnn/infer", json={"inputs": []})
+    text = client.get("/metrics").text
+    assert 'route="/v2/models/{name}/ready",status="200"' in text
+    assert 'route="/v2/models/{name}/infer",status="400"' in text
+    assert 'route="/models/' not in text
