@@ -22,7 +22,6 @@ from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic.json_schema import models_json_schema
@@ -56,7 +55,7 @@ from service.errors import (
     format_loc,
 )
 from service.memory import tune_allocator
-from service.middleware import BodyLimitMiddleware
+from service.middleware import BodyLimitMiddleware, ProblemCORSMiddleware
 from service.observability import Metrics, RequestContextMiddleware
 from service.readiness import Readiness, warm_up
 from service.schemas import (
@@ -363,7 +362,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            ProblemCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Accept", "Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],

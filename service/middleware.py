@@ -1,11 +1,15 @@
 """ASGI middleware: the request body's size and time limits, enforced while the body streams in, and a bound on
-the body bytes a worker holds at once over all its requests."""
+the body bytes a worker holds at once over all its requests; Starlette's CORS, refusing as problem+json."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import ByteBudget
@@ -82,3 +86,23 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, whose refusal of a preflight ("Disallowed CORS origin, method", a text/plain
+    400) is a problem+json body like every other client error; its headers (Vary, the allowed methods) stay."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope) if scope["type"] == "http" and scope["method"] == "OPTIONS" else None
+        if headers is None or "origin" not in headers or "access-control-request-method" not in headers:
+            await super().__call__(scope, receive, send)  # not a preflight: Starlette's own way
+            return
+        response = self.preflight_response(request_headers=headers)
+        if response.status_code == 400:
+            refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+            detail = f"CORS preflight refused: this {refused} is not allowed"
+            problem = {"type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail}
+            kept = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+            body = json.dumps({**problem, "instance": scope["path"]})
+            response = Response(body, 400, kept, media_type="application/problem+json")
+        await response(scope, receive, send)

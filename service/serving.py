@@ -28,6 +28,7 @@ import struct
 import termios
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
@@ -92,17 +93,24 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
             self.send_400_response(self._too_large)
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request it cannot parse; for a head over the limit, 431 as problem+json."""
-        if self._too_large is None:
-            super().send_400_response(msg)
-            return
-        self.logger.warning("Request refused: %s.", self._too_large)
-        body = json.dumps({"type": "about:blank", "title": _TOO_LARGE, "status": 431, "detail": self._too_large})
-        head = [b"HTTP/1.1 431 " + _TOO_LARGE.encode() + b"\r\n"]
+        """uvicorn's answer to a request it cannot parse (a text/plain 400 there), as problem+json: 431 for a head
+        over the limit, else 400 with uvicorn's reason ("Invalid HTTP request received.")."""
+        if self._too_large is not None:
+            self.logger.warning("Request refused: %s.", self._too_large)
+            status, title, detail = 431, _TOO_LARGE, self._too_large
+        else:
+            status, title, detail = 400, "Bad Request", f"the request could not be parsed as HTTP/1.1: {msg}"
+        body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+        head = [b"HTTP/1.1 %d " % status + title.encode() + b"\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         head.append(b"content-type: application/problem+json\r\ncontent-length: %d\r\n" % len(body))
         self.transport.write(b"".join(head) + b"connection: close\r\n\r\n" + body.encode())
         self.transport.close()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """uvicorn answers a request past its concurrency limit (`--limit-concurrency`) with its own app, in plain
+        text: this one says the same as problem+json."""
+        super()._start_asgi_task(cycle, _over_the_limit if app is service_unavailable else app)
 
     def on_message_begin(self) -> None:
         self._trailing = False
@@ -196,6 +204,20 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
+
+
+async def _over_the_limit(scope: Any, receive: Any, send: Any) -> None:
+    """uvicorn's `service_unavailable`, as problem+json, and with Retry-After."""
+    detail = "the server is at its limit of concurrent connections and requests; retry shortly"
+    body = json.dumps({"type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": detail})
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
 
 
 class FairAcceptEventLoop(asyncio.SelectorEventLoop):

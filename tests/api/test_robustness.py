@@ -353,6 +353,11 @@ def test_cors_allows_only_configured_origins() -> None:
         assert "X-Request-ID" in r.headers["access-control-expose-headers"]
         other = c.options(URL, headers={"Origin": "https://evil.example", **preflight})
         assert "access-control-allow-origin" not in other.headers
+        assert_problem(other, 400, "about:blank", None, "CORS preflight refused: this origin is not allowed")
+        put = c.options(
+            URL, headers={**preflight, "Origin": "https://evil.example", "Access-Control-Request-Method": "PUT"}
+        )
+        assert_problem(put, 400, "about:blank", None, "this origin, method is not allowed")
     with make_client() as c:  # none by default
         r = c.get("/healthz", headers={"Origin": "https://app.example"})
         assert "access-control-allow-origin" not in r.headers

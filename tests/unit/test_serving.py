@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -43,13 +44,13 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 @contextlib.contextmanager
-def serving(protocol: type[HttpToolsProtocol], asgi_app: ASGIApp = app) -> Iterator[int]:
+def serving(protocol: type[HttpToolsProtocol], asgi_app: ASGIApp = app, **config: Any) -> Iterator[int]:
     """A uvicorn server in a thread on a listening socket bound as uvicorn binds it for several workers; its port."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn's Config.bind_socket does
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
     assert listener.proto == 0
-    server = uvicorn.Server(uvicorn.Config(asgi_app, http=protocol, log_level="error", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(asgi_app, http=protocol, log_level="error", lifespan="off", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     try:
@@ -170,6 +171,28 @@ def test_a_request_line_and_headers_over_16_kib_are_refused(writes: list[bytes],
             problem = json.loads(body)
             assert problem["status"] == TOO_LARGE and problem["title"] == "Request Header Fields Too Large"
             assert problem["type"] == "about:blank" and f"over {MAX_HEAD_BYTES} bytes" in problem["detail"]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "config", "status", "fragment"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n", {}, 400, "could not be parsed as HTTP/1.1"),
+        (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", {}, 400, "parsed"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", {}, 400, "parsed"),  # HTTP/2's preface
+        (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", {"limit_concurrency": 1}, 503, "at its limit of concurrent"),
+    ],
+    ids=["negative length", "length and chunked", "http/2 preface", "past the concurrency limit"],
+)
+def test_uvicorns_own_refusals_are_problem_json(
+    request_bytes: bytes, config: dict[str, Any], status: int, fragment: str
+) -> None:
+    """What uvicorn answers itself, in plain text, before the app sees the request."""
+    with serving(HttpToolsNoDelayProtocol, **config) as port:
+        [(got, headers, body)] = exchange(port, request_bytes, answers=1)
+    assert got == status and headers["content-type"] == "application/problem+json"
+    problem = json.loads(body)
+    assert problem["status"] == status and problem["type"] == "about:blank" and fragment in problem["detail"]
+    assert headers["connection"] == "close" and (status != 503 or headers["retry-after"] == "1")
 
 
 def test_the_control_plain_httptools_takes_any_head() -> None:
