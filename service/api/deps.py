@@ -147,6 +147,9 @@ def _validate(model: type[SpecT], raw: str | bytes | dict[str, Any], strict: boo
 
 
 def _body_kind(request: Request) -> str:
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":  # the bytes would be read as they came
+        raise UnsupportedMediaError(f"Content-Encoding {encoding!r} is not supported here; send the body as it is")
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         return "multipart"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import re
@@ -284,3 +285,15 @@ def test_server_still_answers_after_the_error_table(client: TestClient) -> None:
     r = client.post(URL, files={"image": ("dog.jpg", DOG.read_bytes())}, data={"spec": '{"output": {"stages": [2]}}'})
     assert r.status_code == 200
     assert r.json()["stages"][0]["shape"] == [4, 148, 148]
+
+
+@pytest.mark.parametrize("path", ["/v1/featuremaps", "/v1/predict", "/v1/models/cnn/featuremaps"])
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip"])
+def test_a_compressed_body_is_refused_with_a_415_where_it_would_be_read_as_it_came(
+    client: TestClient, path: str, encoding: str
+) -> None:
+    body = gzip.compress(json.dumps(spec_with()).encode())
+    r = client.post(path, content=body, headers={"Content-Type": "application/json", "Content-Encoding": encoding})
+    assert_problem(r, 415, "unsupported-media-type", None, f"Content-Encoding {encoding!r} is not supported here")
+    plain = client.post(path, json=spec_with(), headers={"Content-Encoding": "identity"})
+    assert plain.status_code == 200, plain.text
