@@ -55,7 +55,7 @@ from service.errors import (
     format_loc,
 )
 from service.memory import tune_allocator
-from service.middleware import BodyLimitMiddleware, ProblemCORSMiddleware
+from service.middleware import BodyLimitMiddleware, HeadMiddleware, ProblemCORSMiddleware
 from service.observability import Metrics, RequestContextMiddleware
 from service.readiness import Readiness, warm_up
 from service.schemas import (
@@ -369,6 +369,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_problem_handlers(app)
     # Routing tries the routers in this order, so the most requested come first: each one a request passes costs

@@ -1,5 +1,6 @@
 """ASGI middleware: the request body's size and time limits, enforced while the body streams in, and a bound on
-the body bytes a worker holds at once over all its requests; Starlette's CORS, refusing as problem+json."""
+the body bytes a worker holds at once over all its requests; HEAD served as GET; Starlette's CORS, refusing as
+problem+json."""
 
 from __future__ import annotations
 
@@ -106,3 +107,26 @@ class ProblemCORSMiddleware(CORSMiddleware):
             body = json.dumps({**problem, "instance": scope["path"]})
             response = Response(body, 400, kept, media_type="application/problem+json")
         await response(scope, receive, send)
+
+
+class HeadMiddleware:
+    """HEAD, which every general-purpose server must support (RFC 9110, section 9.1), answered as the GET it stands
+    for, with the same status and headers (Content-Length included) and no body. FastAPI's routes take only the
+    methods they name, so HEAD on any of them was a 405, load balancers' health checks included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)  # a copy: the access log says HEAD
