@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service import imaging, pipeline
+from service.devices import resolve_device
 from service.pipeline import Limits, PipelineSpec
 from service.schemas import FeaturemapsResponse
 from tests.conftest import DOG
@@ -37,7 +38,7 @@ def test_multipart_defaults_reproduce_the_tutorial_as_pngs(client: TestClient, d
     assert r.headers["content-type"] == "application/json"
     body = r.json()
     FeaturemapsResponse.model_validate(body)
-    assert body["device"] == "cpu"
+    assert body["device"] == str(resolve_device("auto"))  # the CPU here; the GPU on a GPU machine
     assert body["input"] == {"height": 300, "width": 300, "channels": 1}
     assert [f["name"] for f in body["filters"][0]["filters"]] == ["seed_1", "seed_2", "seed_3", "seed_4"]
     assert body["filters"][0]["filters"][0]["kernel"] == [[-1, -1, 1, 1]] * 4

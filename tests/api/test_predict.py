@@ -18,6 +18,7 @@ from service.api import predict
 from service.api.deps import PredictPayload
 from service.config import Settings
 from service.datasets import load_mnist
+from service.devices import resolve_device
 from service.main import create_app
 from service.schemas import PredictOptions
 from tests.api.test_errors import assert_problem
@@ -53,7 +54,7 @@ def test_multipart_upload(client: TestClient, path: str, model: str) -> None:
     r = client.post(path, files={"image": ("d.png", DRAWN[0], "image/png")}, data={"model": model, "top_k": "4"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == model and body["device"] == "cpu"
+    assert body["model"] == model and body["device"] == str(resolve_device("auto"))  # the GPU on a GPU machine
     check_prediction(body, LABELS[0], top_k=4)
     assert body["preprocessing"]["mode"] == "mnist" and "inverted (light background)" in body["preprocessing"]["steps"]
     assert "input_image" not in body or body["input_image"] is None

@@ -466,5 +466,6 @@ def test_to_host_copies_values_exactly_from_any_device(device: str, dtype: torch
     host = to_host(values.to(device))
     assert isinstance(host, np.ndarray) and host.shape == (3, 65, 67) and host.dtype == values.numpy().dtype
     np.testing.assert_array_equal(host, values.numpy())
+    del host  # its pinned block is free: the next copy of this size reuses it
     again = to_host(values.to(device) + 1)  # a reused pinned block holds the new values, not the old
     np.testing.assert_array_equal(again, (values + 1).numpy())
