@@ -422,10 +422,10 @@ def _run_conv(layer: Conv, x: torch.Tensor) -> torch.Tensor:
     else:
         pieces = {j: out[k] for idx, out in outputs for k, j in enumerate(idx)}
         maps = torch.cat([pieces[j] for j in range(len(layer.filters))])  # filter-major: f0(c0..cn), f1(...)
-    if layer.bias is not None:
-        counts = torch.tensor([c if f.depthwise else 1 for f in layer.filters], device=maps.device)
-        bias = torch.tensor(layer.bias, dtype=maps.dtype, device=maps.device)
-        maps = maps + torch.repeat_interleave(bias, counts)[:, None, None]
+    if layer.bias is not None:  # one value per map, laid out on the host: a GPU's repeat_interleave waits to size it
+        counts = [c if f.depthwise else 1 for f in layer.filters]
+        per_map = torch.from_numpy(np.repeat(np.asarray(layer.bias, np.float32), counts)).to(maps.device)
+        maps = maps + per_map.to(maps.dtype)[:, None, None]
     return maps.contiguous()
 
 
