@@ -11,8 +11,10 @@ times; it reports how busy it kept its own CPU (well below a whole one, it was n
 
 Answers must match: maps to one 8-bit level (two float32 computations can round to either side of a level), tensors
 to 1e-5 of the largest value (float16's rounding on top for the base64 case), and predictions to 1e-5, with the
-same label. Exits 2 where no CUDA device is visible (nothing measured), 1 when answers differ. `--device cpu`
-compares the CPU with itself, a dry run of every step on a machine without a GPU.
+same label. Exits 2 where no CUDA device is visible or `--device` names none of them (nothing measured), 1 when
+answers differ. `--device cpu` compares the CPU with itself, a dry run of every step on a machine without a GPU.
+The server runs as docker-compose's and Kubernetes' GPU deployments run it: one worker (one CUDA context, every
+prediction batched on the one device), `WEB_CONCURRENCY=1`.
 """
 
 from __future__ import annotations
@@ -187,11 +189,19 @@ def main() -> int:
     if device != "cpu" and not torch.cuda.is_available():
         print(f"no CUDA device is visible here (torch {torch.__version__}): nothing to compare")
         return 2
+    visible = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device != "cpu" else []
+    if device != "cpu" and ("cuda:0" if device == "cuda" else device) not in visible:
+        print(f"{device} is not a device here; visible: {', '.join(visible)}")
+        return 2
     what = torch.cuda.get_device_name(device) if device != "cpu" else "the CPU itself: a dry run"
-    print(f"{device} ({what}) against the CPU ({os.cpu_count()} CPUs), one `python -m service` with its defaults")
+    print(
+        f"{device} ({what}) against the CPU ({os.cpu_count()} CPUs), one `python -m service` as the GPU deployments "
+        "run it: one worker (WEB_CONCURRENCY=1, one CUDA context), the rest its defaults"
+    )
     same = True
     sides = ("cpu", device)  # two sides, the same device in a dry run
-    with Server(SERVICE, {"FEATUREMAP_MAX_QUEUE": "64"}, "/readyz") as server, tempfile.TemporaryDirectory() as tmp:
+    env = {"WEB_CONCURRENCY": "1", "FEATUREMAP_MAX_QUEUE": "64"}
+    with Server(SERVICE, env, "/readyz") as server, tempfile.TemporaryDirectory() as tmp:
         print(f"\n/v1/featuremaps, 1 client, {args.repeats}x pairs (3x that for the short cases), medians")
         print(f"{'case':<48}{'cpu ms':>10}{f'{device} ms':>10}{'speedup':>9}{'MB':>7}  answers")
         url = server.url + "/v1/featuremaps"

@@ -154,3 +154,14 @@ def test_nothing_is_measured_without_cuda(monkeypatch: pytest.MonkeyPatch, capsy
     monkeypatch.setattr("sys.argv", ["bench.cuda"])
     assert cuda.main() == 2
     assert "no CUDA device is visible here" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:7"])
+def test_a_device_that_is_not_here_is_refused_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], device: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, cuda:0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("sys.argv", ["bench.cuda", "--device", device])
+    assert cuda.main() == 2
+    assert f"{device} is not a device here; visible: cuda:0" in capsys.readouterr().out
