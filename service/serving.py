@@ -78,6 +78,9 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
+        # uvicorn arms its keep-alive timeout only after a response: a connection that never sends a byte was kept
+        # for ever. It gets the same time as an idle kept-alive one; its first byte disarms it, as any request's does.
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def data_received(self, data: bytes) -> None:
         events = self._events

@@ -195,6 +195,21 @@ def test_uvicorns_own_refusals_are_problem_json(
     assert headers["connection"] == "close" and (status != 503 or headers["retry-after"] == "1")
 
 
+@pytest.mark.parametrize(("protocol", "closed"), [(HttpToolsNoDelayProtocol, True), (HttpToolsProtocol, False)])
+def test_a_connection_that_sends_nothing_is_closed_as_an_idle_kept_alive_one(
+    protocol: type[HttpToolsProtocol], closed: bool
+) -> None:
+    """uvicorn's own protocol (the control) keeps a silent connection open past the keep-alive timeout; this one
+    closes it then, and still serves a connection whose request comes within it."""
+    with serving(protocol, timeout_keep_alive=1) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=4) as silent:
+            try:
+                assert (silent.recv(1) == b"") is closed  # closed after 1 s: end of stream
+            except TimeoutError:
+                assert not closed
+        assert [status for status, _, _ in exchange(port, head(10), answers=1)] == [200]
+
+
 def test_the_control_plain_httptools_takes_any_head() -> None:
     """uvicorn's own httptools protocol answers the over-limit head: the limit above is this service's."""
     with serving(HttpToolsProtocol) as port:
