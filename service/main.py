@@ -364,7 +364,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             ProblemCORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Accept", "Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,

@@ -129,4 +129,9 @@ class HeadMiddleware:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, without_body)  # a copy: the access log says HEAD
+        inner = {**scope, "method": "GET"}  # a copy: the access log and the metrics say HEAD
+        try:
+            await self.app(inner, receive, without_body)
+        finally:
+            if "route" in inner:  # the route the router matched, for the metrics' and the access log's label
+                scope["route"] = inner["route"]
