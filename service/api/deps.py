@@ -147,10 +147,16 @@ def _validate(model: type[SpecT], raw: str | bytes | dict[str, Any], strict: boo
 
 
 def _body_kind(request: Request) -> str:
-    encoding = request.headers.get("content-encoding")
-    if encoding is not None and encoding.strip().lower() != "identity":  # the bytes would be read as they came
-        raise UnsupportedMediaError(f"Content-Encoding {encoding!r} is not supported here; send the body as it is")
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = encoding = None
+    for name, value in request.scope["headers"]:  # both in one pass over the busiest route's headers (ASGI: lowercase)
+        if name == b"content-type" and content_type is None:
+            content_type = value
+        elif name == b"content-encoding" and encoding is None:
+            encoding = value
+    if encoding is not None and encoding.strip().lower() != b"identity":  # the bytes would be read as they came
+        named = encoding.decode("latin-1")
+        raise UnsupportedMediaError(f"Content-Encoding {named!r} is not supported here; send the body as it is")
+    ctype = (content_type or b"").split(b";")[0].strip().lower().decode("latin-1")
     if ctype == "multipart/form-data":
         return "multipart"
     if ctype == "application/json" or ctype.endswith("+json"):

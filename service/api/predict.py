@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -48,30 +49,25 @@ async def predict_digit(request: Request) -> Response:
     settings = runtime.settings
     if payload.batch or settings.batch_max_size < 2:
         result = await runtime.compute.run(_predict, payload, classifier, settings)
-    else:  # concurrent single predictions share one forward pass
-        result = await runtime.batcher.submit(batch_key(classifier, payload.options), (payload, classifier, settings))
+    else:  # concurrent single predictions for the same model on the same device share one forward pass
+        # The device is resolved once, here: however a client names it ("auto", "cuda", "cuda:0"), its predictions
+        # batch with the others', and a device that is not here is refused before the request takes a place in a queue.
+        device = resolve_device(payload.options.device)
+        result = await runtime.batcher.submit((classifier.name, str(device)), (payload, classifier, settings, device))
     # Built by our own code from validated parts: serialised once with orjson, not re-validated by FastAPI.
     return render.json_response(result)
 
 
-PredictJob = tuple[PredictPayload, classifiers.Classifier, Settings]
-
-
-def batch_key(classifier: classifiers.Classifier, options: PredictOptions) -> tuple[str, str]:
-    """The micro-batch a single prediction joins: its model and the device it resolves to, so that however a client
-    names a device ("auto", "cuda", "cuda:0") its predictions share forward passes with the others'. A device that is
-    not here is refused now (DeviceUnavailableError), before the request takes a place in a queue."""
-    return classifier.name, str(resolve_device(options.device))
+PredictJob = tuple[PredictPayload, classifiers.Classifier, Settings, torch.device]  # the device its batch runs on
 
 
 def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:
     """One micro-batch, on a compute thread (or the event loop, for a lone light job: `is_light`): each job's digit
     is prepared on its own (its errors are its own), then one forward pass serves them all. The jobs share model and
     device (the batcher's key)."""
-    _, classifier, _ = jobs[0]
-    device = resolve_device(jobs[0][0].options.device)
+    _, classifier, _, device = jobs[0]
     prepared: list[classifiers.Preprocessed | Exception] = []
-    for payload, _, settings in jobs:
+    for payload, _, settings, _ in jobs:
         try:
             [(loc, value)] = payload.inputs
             prepared.append(
@@ -83,7 +79,7 @@ def predict_many(jobs: list[PredictJob]) -> list[PredictResponse | Exception]:
     predictions = iter(classifier.predict(digits, device) if digits else [])
     where = {"model": classifier.name, "device": str(device)}
     results: list[PredictResponse | Exception] = []
-    for (payload, _, _), item in zip(jobs, prepared, strict=True):
+    for (payload, *_), item in zip(jobs, prepared, strict=True):
         if isinstance(item, Exception):
             results.append(item)
             continue
@@ -102,9 +98,9 @@ INLINE_MAX_PIXELS = 64 * 64
 def is_light(job: PredictJob) -> bool:
     """Whether a single-digit job is small enough to run on the event loop: pixel values or a small plain PNG, on the
     CPU (a GPU's work stays on the compute threads, where its streams and contexts live)."""
-    payload = job[0]
+    payload, _, _, device = job
     [(_, value)] = payload.inputs
-    if resolve_device(payload.options.device).type != "cpu":
+    if device.type != "cpu":
         return False
     if not isinstance(value, bytes):  # 28x28 values (the rest are refused, on a compute thread)
         return len(value) == MNIST_SIZE and all(len(row) == MNIST_SIZE for row in value)

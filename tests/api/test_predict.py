@@ -524,11 +524,10 @@ def test_a_lone_light_prediction_runs_on_the_event_loop(
     assert [name.startswith("compute") for name in threads] == [not on_loop, True]
 
 
-def test_a_gpu_prediction_never_runs_on_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gpu_prediction_never_runs_on_the_event_loop(client: TestClient) -> None:
     """On a GPU machine, where "auto" means CUDA, a small digit still goes to a compute thread."""
     digit = as_png(TEST.images[0])
     payload = PredictPayload(PredictOptions(), [(("image",), digit)], batch=False)
     job = (payload, client.app_state["registry"].get("cnn"), client.app_state["settings"])
-    assert predict.is_light(job)
-    monkeypatch.setattr(predict, "resolve_device", lambda name: torch.device("cuda"))
-    assert not predict.is_light(job)
+    assert predict.is_light((*job, torch.device("cpu")))
+    assert not predict.is_light((*job, torch.device("cuda")))
