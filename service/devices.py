@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import torch
@@ -40,15 +41,34 @@ def probe(name: str) -> None:
     torch.ones(1, device=name).add_(1).cpu()
 
 
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe_failure(name: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the device runs the probe within `timeout_s`; else why not. The probe runs on a thread of its own
+    (a daemon), so that a GPU that hangs, rather than fails, cannot hold the caller: it is left behind, once."""
+    outcome: list[str | None] = []
+
+    def run() -> None:
+        try:
+            probe(name)
+            outcome.append(None)
+        except Exception as e:  # any failure to compute: the device is no longer usable
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=run, name=f"probe {name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"a one-element computation did not finish within {timeout_s:g} s"
+
+
 def take_failed_devices_out_of_service() -> list[str]:
     """After a request's device error: probe each GPU still in service, take out those that fail, and return
     their names. A GPU whose probe passes had a passing error, and stays."""
     failed = []
     for name in available_devices()[1:]:
-        try:
-            probe(name)
-        except Exception as e:  # any failure to compute: the device is no longer usable
-            take_out_of_service(name, f"it failed after a device error ({e})")
+        if (why := probe_failure(name)) is not None:
+            take_out_of_service(name, f"it failed after a device error ({why})")
             failed.append(name)
     return failed
 

@@ -211,6 +211,8 @@ def install_problem_handlers(app: FastAPI) -> None:
         rid = getattr(request.state, "request_id", "")
         log.error("device error on %s %s", request.method, request.url.path, exc_info=exc, extra={"request_id": rid})
         failed = await asyncio.to_thread(take_failed_devices_out_of_service)
+        if failed:
+            log.error("%s failed the probe after a device error: taken out of service", ", ".join(failed))
         taken = f"; {', '.join(failed)} no longer computes and is out of service" if failed else ""
         detail = f"the device failed while computing this request{taken}; retry (logged with request id {rid})"
         status, title, _ = OTHER_PROBLEMS["device-failed"]

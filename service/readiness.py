@@ -13,7 +13,7 @@ import torch
 
 from service import pipeline
 from service.classifiers import Registry
-from service.devices import available_devices, take_out_of_service
+from service.devices import available_devices, probe_failure, take_out_of_service
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,12 @@ def warm_up(readiness: Readiness, registry: Registry, models_dir: Path) -> None:
                     for size in (1, 16):  # a lone digit, and a batch as concurrent predictions make
                         registry.get(model).probabilities_of(torch.rand(size, 1, 28, 28).numpy(), device)  # as served
         except Exception as e:
-            if name == "cpu":  # a failed warm-up must not keep the service down: requests will pay the cost instead
-                log.exception("warm-up on the CPU failed; serving without it")
-            else:  # a GPU that cannot run the work would fail every request that "auto" sent it
+            # A failed warm-up must not keep the service down: requests will pay the cost instead. A GPU that cannot
+            # compute at all would fail every request "auto" sent it; one that failed for a passing reason (out of
+            # memory while another process held it) passes the probe and stays.
+            if name == "cpu" or probe_failure(name) is None:
+                log.exception("warm-up on %s failed; serving without it", name, extra={"device": name})
+            else:
                 log.exception("warm-up on %s failed; it is taken out of service", name, extra={"device": name})
                 take_out_of_service(name, f"its warm-up failed ({e})")
     # The hundreds of thousands of objects made so far (torch, the app, the models) live as long as the process:

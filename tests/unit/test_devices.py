@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,22 +90,51 @@ def test_a_gpu_that_fails_its_probe_is_taken_out_and_auto_falls_back_to_the_cpu(
     assert devices.available_devices() == ["cpu"]  # the CPU is what is left: never taken out
 
 
-def test_a_gpu_whose_warm_up_fails_is_taken_out_and_the_service_is_ready_on_the_cpu(
-    a_gpu: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("error", "probe_fails"),
+    [
+        (torch.AcceleratorError("CUDA error: no kernel image is available for execution on the device"), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"), False),  # another process held it
+    ],
+    ids=["a torch built for other GPUs", "a passing out of memory"],
+)
+def test_a_gpu_whose_warm_up_fails_and_that_cannot_compute_is_taken_out(
+    a_gpu: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    probe_fails: bool,
 ) -> None:
     run = pipeline.run_pipeline
 
-    def cpu_only(image: torch.Tensor, *args: Any) -> Any:  # on a GPU machine: a torch built for other GPUs
+    def cpu_only(image: torch.Tensor, *args: Any) -> Any:
         if image.device.type != "cpu":
-            raise torch.AcceleratorError("CUDA error: no kernel image is available for execution on the device")
+            raise error
         return run(image, *args)
 
     monkeypatch.setattr(pipeline, "run_pipeline", cpu_only)
+    if probe_fails:
+        a_gpu.append("cuda:0")
     ready, registry = readiness.Readiness(), Registry()
     with caplog.at_level(logging.ERROR, logger="service.readiness"):
         readiness.warm_up(ready, registry, MODELS_DIR)
-    assert ready.ready and registry.loaded
-    assert devices.available_devices() == ["cpu"]
-    assert [r.getMessage() for r in caplog.records] == ["warm-up on cuda:0 failed; it is taken out of service"]
-    with pytest.raises(DeviceUnavailableError, match=r"cuda:0 was taken out of service: its warm-up failed \("):
-        devices.resolve_device("cuda")
+    assert ready.ready and registry.loaded  # on the CPU, whatever became of the GPU
+    assert devices.available_devices() == (["cpu"] if probe_fails else ["cpu", "cuda:0"])
+    outcome = "it is taken out of service" if probe_fails else "serving without it"
+    assert [r.getMessage() for r in caplog.records] == [f"warm-up on cuda:0 failed; {outcome}"]
+    if probe_fails:
+        with pytest.raises(DeviceUnavailableError, match=r"cuda:0 was taken out of service: its warm-up failed \("):
+            devices.resolve_device("cuda")
+
+
+def test_a_gpu_that_hangs_fails_its_probe_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    held = threading.Event()
+    monkeypatch.setattr(devices, "probe", lambda name: held.wait(30))  # a kernel that never ends
+    try:
+        assert devices.probe_failure("cuda:0", timeout_s=0.05) == (
+            "a one-element computation did not finish within 0.05 s"
+        )
+    finally:
+        held.set()
+    monkeypatch.setattr(devices, "probe", lambda name: None)
+    assert devices.probe_failure("cuda:0") is None
