@@ -13,10 +13,10 @@ from service.errors import DeviceUnavailableError
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
 
 
-# A GPU this process can no longer use -> why: one whose warm-up failed (a wheel built for other GPUs: "no kernel
-# image is available"), or that failed a probe after a request's CUDA error (a device-side assert or an illegal
-# memory access leaves its context broken for good). "auto" then means the next device, and asking for it by name is
-# refused with the reason. The CPU is never taken out: it is what is left.
+# A GPU this process can no longer use -> why: one that failed the probe after its warm-up failed (a wheel built
+# for other GPUs: "no kernel image is available"), or after a request's CUDA error (a device-side assert or an
+# illegal memory access leaves its context broken for good). "auto" then means the next device, and asking for it
+# by name is refused with the reason. The CPU is never taken out: it is what is left.
 _out_of_service: dict[str, str] = {}
 
 
