@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(32, ge=0, description="Requests that may wait for a compute slot; more get 503.")
     queue_wait_s: float = Field(10.0, gt=0, description="Longest wait for a compute slot before a 503.")
     compute_timeout_s: float = Field(30.0, gt=0, description="Longest compute of one request before a 504.")
-    body_timeout_s: float = Field(60.0, gt=0, description="Longest time for a request body to arrive (408).")
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="Longest time for a request body, or a head not sent in one read, to arrive (408)."
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated API keys; when set, every /v1 route needs one."
     )

@@ -44,6 +44,12 @@ def configured_send_timeout_s() -> float:
     return Settings().send_timeout_s
 
 
+@functools.cache
+def configured_head_timeout_s() -> float:
+    """FEATUREMAP_BODY_TIMEOUT_S, read once per worker: a request's head must arrive within it, as its body must."""
+    return Settings().body_timeout_s
+
+
 class HeadTooLargeError(Exception):
     """A request's head is over `MAX_HEAD_BYTES`; raised in a parser callback, where httptools turns it into a
     parse error."""
@@ -65,6 +71,8 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     _head_size = 0  # the current request's head, as measured once complete, and then its trailer's lines
     _trailing = False  # the current request's headers have ended: any more header lines are its trailer's
     _too_large: str | None = None  # why this connection's request was refused, when its head was over the limit
+    _head_begun = False  # a request's head has begun and not ended
+    _head_timer: asyncio.TimerHandle | None = None  # from the end of the read a head began in to the head's end
     _stalled: asyncio.TimerHandle | None = None  # while the transport holds more than it wants to: the next look
     _unsent = 0  # the fewest bytes seen waiting for the client (`_unsent_bytes`) since the writer paused
     _quiet = 0  # the looks in a row, since the writer paused, that found none of them taken
@@ -73,6 +81,10 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     def send_timeout_s(self) -> float:
         return configured_send_timeout_s()
 
+    @property
+    def head_timeout_s(self) -> float:
+        return configured_head_timeout_s()
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -80,13 +92,15 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         # uvicorn arms its keep-alive timeout only after a response: a connection that never sends a byte was kept
         # for ever. It gets the same time as an idle kept-alive one; its first byte disarms it, as any request's does.
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self._arm_keep_alive()
 
     def data_received(self, data: bytes) -> None:
         events = self._events
         super().data_received(data)
         if self.transport.is_closing():
             return
+        if self._head_begun and self._head_timer is None:  # a head that one read did not bring whole: timed
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_too_slow)
         if events != self._events:
             self._run_bytes = 0
             return
@@ -100,9 +114,13 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
         over the limit, else 400 with uvicorn's reason ("Invalid HTTP request received.")."""
         if self._too_large is not None:
             self.logger.warning("Request refused: %s.", self._too_large)
-            status, title, detail = 431, _TOO_LARGE, self._too_large
+            self._refuse(431, _TOO_LARGE, self._too_large)
         else:
-            status, title, detail = 400, "Bad Request", f"the request could not be parsed as HTTP/1.1: {msg}"
+            self._refuse(400, "Bad Request", f"the request could not be parsed as HTTP/1.1: {msg}")
+
+    def _refuse(self, status: int, title: str, detail: str) -> None:
+        """Answer with a problem+json of our own, before any app has the request, and close the connection."""
+        self._clear_head_timer()
         body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
         head = [b"HTTP/1.1 %d " % status + title.encode() + b"\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
@@ -118,6 +136,22 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._trailing = False
         super().on_message_begin()
+        # uvicorn has no time limit on a head: a client trickling one (a byte every few seconds) held its connection
+        # for ever, the keep-alive timeout disarmed by its first byte. A head that does not come in one read gets the
+        # body's time limit (`data_received` starts the timer: none for the many heads that come whole).
+        self._head_begun = True
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            detail = f"the request line and headers did not arrive within {self.head_timeout_s:g} s"
+            self.logger.warning("Request refused: %s.", detail)
+            self._refuse(408, "Request Timeout", detail)
+
+    def _clear_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._trailing:  # a chunked body's trailer: uvicorn adds its lines to the request's headers
@@ -128,6 +162,8 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._head_begun = False
+        self._clear_head_timer()
         self._events += 1
         self._trailing = True
         request_line = len(self.parser.get_method()) + 1 + len(self.url) + len(" HTTP/1.1\r\n")
@@ -145,6 +181,16 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._events += 1
         super().on_message_complete()
+        # A request answered before its body had all come (a 413 or 415 on its head): its body's bytes disarmed the
+        # keep-alive timeout that the answer armed, and only a response arms it again. Armed here, once the body
+        # has ended, the connection is closed if no request follows, as after any other answer.
+        if self.cycle is not None and self.cycle.response_complete and not self.pipeline:
+            self._arm_keep_alive()
+
+    def _arm_keep_alive(self) -> None:
+        """As uvicorn arms its keep-alive timeout after a response: the connection closes if it stays idle that long."""
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     # The transport pauses the writer while it holds more than its high-water mark (64 KiB) that the socket did not
     # take, and resumes it when it holds less than a quarter of that. While paused, the bytes waiting for the client
@@ -166,6 +212,7 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._clear_send_timeout()
+        self._clear_head_timer()
         super().connection_lost(exc)
 
     def _unsent_bytes(self) -> int:

@@ -210,6 +210,55 @@ def test_a_connection_that_sends_nothing_is_closed_as_an_idle_kept_alive_one(
         assert [status for status, _, _ in exchange(port, head(10), answers=1)] == [200]
 
 
+class QuickHead(HttpToolsNoDelayProtocol):
+    @property
+    def head_timeout_s(self) -> float:
+        return 1.0
+
+
+def test_a_head_that_trickles_in_is_cut_off_at_the_time_limit_with_a_408() -> None:
+    """A client sending a header line every 0.3 s (each byte disarms the keep-alive timeout) is answered 408 once its
+    head has taken longer than the limit (here 1 s; FEATUREMAP_BODY_TIMEOUT_S, 60 s, in the service)."""
+    with serving(QuickHead) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for sent in range(1, 31):  # 9 s at most
+                time.sleep(0.3)
+                conn.sendall(b"X-Slow: %d\r\n" % sent)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in head
+    assert json.loads(body)["detail"] == "the request line and headers did not arrive within 1 s"
+    assert sent < 30  # cut off, not let run
+
+
+async def answers_at_once(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers before reading the body, as a 413 or 415 on a request's head does."""
+    await send({"type": "http.response.start", "status": 415, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize(("protocol", "closed"), [(HttpToolsNoDelayProtocol, True), (HttpToolsProtocol, False)])
+def test_a_connection_answered_early_is_closed_when_idle_after_its_body(
+    protocol: type[HttpToolsProtocol], closed: bool
+) -> None:
+    """The rest of the body, sent after the answer, disarmed uvicorn's keep-alive timeout (the control keeps the
+    connection open); this protocol arms it again once the body has ended."""
+    with serving(protocol, answers_at_once, timeout_keep_alive=1) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=4) as conn:
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n" + b"a" * 1000)
+            assert conn.recv(65536).startswith(b"HTTP/1.1 415 ")
+            conn.sendall(b"b" * 199_000)
+            try:
+                assert (conn.recv(1) == b"") is closed  # closed 1 s after the body ended: end of stream
+            except TimeoutError:
+                assert not closed
+
+
 def test_the_control_plain_httptools_takes_any_head() -> None:
     """uvicorn's own httptools protocol answers the over-limit head: the limit above is this service's."""
     with serving(HttpToolsProtocol) as port:
