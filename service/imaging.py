@@ -186,18 +186,23 @@ class Levels:
     hi: list[float]
 
 
-def to_levels(maps: torch.Tensor, scale: Scale, value_range: float) -> Levels:
+def to_levels(
+    maps: torch.Tensor, scale: Scale, value_range: float, extremes: tuple[float, float] | None = None
+) -> Levels:
     """`(C, H, W)` float32 -> 8-bit levels, computed on the maps' device so only bytes cross to the host.
 
     Level = floor((v - lo) / (hi - lo) * 256) clipped to 0..255: matplotlib's `imshow` rule, so gray PNGs
     match the tutorial's figures pixel for pixel. A value is recovered as lo + (level + 0.5) / 256 * (hi - lo).
-    `per_map` takes lo/hi from each map, `per_stage` from the whole stage, `none` uses 0..value_range.
-    A constant map (hi == lo) is all zeros.
+    `per_map` takes lo/hi from each map, `per_stage` from the whole stage (its `extremes`, when the caller has them
+    already: two passes over the maps fewer), `none` uses 0..value_range. A constant map (hi == lo) is all zeros.
     """
     c = maps.shape[0]
     if scale == "per_map":
         flat = maps.reshape(c, -1)
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    elif scale == "per_stage" and extremes is not None:
+        lo = torch.full((c,), extremes[0], dtype=maps.dtype, device=maps.device)
+        hi = torch.full((c,), extremes[1], dtype=maps.dtype, device=maps.device)
     elif scale == "per_stage":
         lo, hi = maps.min().expand(c), maps.max().expand(c)
     else:

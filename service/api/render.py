@@ -55,7 +55,7 @@ def _stage_output(
     elif output.format == "json":
         fields["data"] = np.ascontiguousarray(to_host(maps))  # (C, H, W) float32, serialised exactly by orjson
     else:
-        levels = imaging.to_levels(maps, output.scale, value_range)
+        levels = imaging.to_levels(maps, output.scale, value_range, (stage.lo, stage.hi))
         fields["map_ranges"] = [[lo, hi] for lo, hi in zip(levels.lo, levels.hi, strict=True)]
         check_deadline(deadline, f"encoding the maps of stage {stage.plan.index}")
         pngs = imaging.encode_pngs([imaging.colorize(lv, output.colormap) for lv in levels.levels])
@@ -85,7 +85,7 @@ def montage_response(result: PipelineResult, output: OutputOptions, value_range:
     rows = []
     for stage in result.stages:
         c, h, w = stage.plan.shape
-        levels = imaging.to_levels(stage.maps, output.scale, value_range)
+        levels = imaging.to_levels(stage.maps, output.scale, value_range, (stage.lo, stage.hi))
         rows.append(
             imaging.MontageRow(
                 title=f"stage {stage.plan.index}: {stage.plan.op}  {c}x{h}x{w}",

@@ -367,6 +367,8 @@ def test_level_scales() -> None:
     per_stage = imaging.to_levels(maps, "per_stage", 1.0)
     assert per_stage.levels.tolist() == [[[0, 255]], [[128, 128]]]
     assert per_stage.lo == [0.0, 0.0] and per_stage.hi == [0.5, 0.5]
+    given = imaging.to_levels(maps, "per_stage", 1.0, (0.0, 0.5))  # the stage's extremes, found by the pipeline
+    assert (given.levels.tolist(), given.lo, given.hi) == (per_stage.levels.tolist(), per_stage.lo, per_stage.hi)
     none = imaging.to_levels(maps, "none", 1.0)
     assert none.levels.tolist() == [[[0, 128]], [[64, 64]]]
     assert none.lo == [0.0, 0.0] and none.hi == [1.0, 1.0]
