@@ -78,17 +78,26 @@ def inflate(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
         return body
     if name not in ("gzip", "deflate"):
         raise UnsupportedMediaError(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
-    # HTTP's "deflate" is the zlib format (RFC 9110), which is what zlib.compress writes.
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if name == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, max_bytes + 1)
-    except zlib.error as e:
-        raise InferenceRequestError(f"the {name} body cannot be inflated: {e}") from None
-    if len(out) > max_bytes:
-        raise LimitExceededError(f"the request body inflates to over the limit of {max_bytes:,} bytes")
-    if not inflater.eof or inflater.unused_data:
-        raise InferenceRequestError(f"the {name} body is truncated or has bytes after its end")
-    return out
+    # HTTP's "deflate" is the zlib format (RFC 9110), which is what zlib.compress writes. A gzip body may hold
+    # several members one after another (RFC 1952), as `gzip` writes for files joined with cat: their data joined.
+    pieces: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if name == "gzip" else zlib.MAX_WBITS)
+        try:
+            pieces.append(inflater.decompress(rest, max_bytes + 1 - size))
+        except zlib.error as e:
+            raise InferenceRequestError(f"the {name} body cannot be inflated: {e}") from None
+        size += len(pieces[-1])
+        if size > max_bytes:
+            raise LimitExceededError(f"the request body inflates to over the limit of {max_bytes:,} bytes")
+        if not inflater.eof:
+            raise InferenceRequestError(f"the {name} body is truncated")
+        rest = inflater.unused_data
+        if not rest:
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # one member (the usual): no copy
+        if name != "gzip":
+            raise InferenceRequestError(f"the {name} body has bytes after its end")
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:

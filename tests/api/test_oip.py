@@ -215,11 +215,14 @@ def test_versioned_inference(client: TestClient) -> None:
     assert outputs(r.json()).argmax(1).tolist() == LABELS[:2]
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "gzip, two members"])
 def test_compressed_request_bodies(client: TestClient, encoding: str) -> None:
     kwargs = binary_input("FP32", 2)
-    compress = gzip.compress if encoding == "gzip" else zlib.compress
-    kwargs["content"] = compress(kwargs["content"])
+    if encoding == "gzip, two members":  # as `cat a.gz b.gz` makes: RFC 1952's members, one after the other
+        encoding, half = "gzip", len(kwargs["content"]) // 2
+        kwargs["content"] = gzip.compress(kwargs["content"][:half]) + gzip.compress(kwargs["content"][half:])
+    else:
+        kwargs["content"] = (gzip.compress if encoding == "gzip" else zlib.compress)(kwargs["content"])
     kwargs["headers"]["Content-Encoding"] = encoding
     r = client.post(URL, **kwargs)
     assert r.status_code == 200, r.text
@@ -335,6 +338,9 @@ INFER_ERRORS: list[tuple[str, dict[str, Any], int, str, str | None, str]] = [
     ("brotli body", {"json": request(), "headers": {"Content-Encoding": "br"}}, 415, "unsupported-media-type", None, "gzip, deflate"),
     ("corrupt gzip", {"content": b"\x1f\x8b not gzip", "headers": {"Content-Encoding": "gzip"}}, 400, "invalid-inference-request", None, "cannot be inflated"),
     ("truncated gzip", {"content": gzip.compress(json.dumps(request()).encode())[:-20], "headers": {"Content-Encoding": "gzip"}}, 400, "invalid-inference-request", None, "truncated"),
+    ("gzip, then bytes that are no member", {"content": gzip.compress(json.dumps(request()).encode()) + b"junk", "headers": {"Content-Encoding": "gzip"}}, 400, "invalid-inference-request", None, "cannot be inflated"),
+    ("deflate, then more", {"content": zlib.compress(json.dumps(request()).encode()) + b"x", "headers": {"Content-Encoding": "deflate"}}, 400, "invalid-inference-request", None, "bytes after its end"),
+    ("gzip bomb in members", {"content": gzip.compress(b" " * (6 * 1024 * 1024)) * 2, "headers": {"Content-Encoding": "gzip"}}, 413, "limit-exceeded", None, "inflates to over the limit"),
     ("gzip bomb", {"content": gzip.compress(b" " * (11 * 1024 * 1024)), "headers": {"Content-Encoding": "gzip"}}, 413, "limit-exceeded", None, "inflates to over the limit"),
 ]
 # fmt: on
