@@ -340,6 +340,8 @@ INFER_ERRORS: list[tuple[str, dict[str, Any], int, str, str | None, str]] = [
     ("truncated gzip", {"content": gzip.compress(json.dumps(request()).encode())[:-20], "headers": {"Content-Encoding": "gzip"}}, 400, "invalid-inference-request", None, "truncated"),
     ("gzip, then bytes that are no member", {"content": gzip.compress(json.dumps(request()).encode()) + b"junk", "headers": {"Content-Encoding": "gzip"}}, 400, "invalid-inference-request", None, "cannot be inflated"),
     ("deflate, then more", {"content": zlib.compress(json.dumps(request()).encode()) + b"x", "headers": {"Content-Encoding": "deflate"}}, 400, "invalid-inference-request", None, "bytes after its end"),
+    ("gzip of 17 members", {"content": gzip.compress(b"") * 16 + gzip.compress(json.dumps(request()).encode()), "headers": {"Content-Encoding": "gzip"}}, 400, "invalid-inference-request", None, "more than 16 members"),
+    ("gzip of 500,000 empty members", {"content": gzip.compress(b"") * 500_000, "headers": {"Content-Encoding": "gzip"}}, 400, "invalid-inference-request", None, "more than 16 members"),
     ("gzip bomb in members", {"content": gzip.compress(b" " * (6 * 1024 * 1024)) * 2, "headers": {"Content-Encoding": "gzip"}}, 413, "limit-exceeded", None, "inflates to over the limit"),
     ("gzip bomb", {"content": gzip.compress(b" " * (11 * 1024 * 1024)), "headers": {"Content-Encoding": "gzip"}}, 413, "limit-exceeded", None, "inflates to over the limit"),
 ]
