@@ -72,7 +72,7 @@ async def require_api_key(request: Request) -> None:
     given = request.headers.get("x-api-key") or _bearer_token(request.headers.get("authorization"))
     if not given:
         raise UnauthorizedError("this endpoint needs an API key: send X-API-Key or Authorization: Bearer")
-    offered = given.encode()
+    offered = given.encode("latin-1")  # the header's own bytes (Starlette reads them as latin-1); keys are UTF-8
     # Compare with every key, always, in constant time each: timing tells nothing about which key or how close.
     matches = [hmac.compare_digest(offered, key.encode()) for key in settings.api_keys]
     if not any(matches):

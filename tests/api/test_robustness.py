@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from starlette.requests import Request
 
 from service import devices, pipeline
 from service.__main__ import LOG_CONFIG
 from service.admission import Admission
+from service.api.deps import require_api_key
 from service.config import Settings
-from service.errors import OverloadedError
+from service.errors import OverloadedError, UnauthorizedError
 from service.main import create_app
 from service.observability import JSONFormatter
 from tests.api.test_errors import assert_problem, refusals
@@ -335,6 +337,25 @@ def test_api_keys_guard_every_v1_route(keyed: TestClient, method: str, path: str
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/openapi.json"])
 def test_probes_and_docs_stay_open_with_api_keys(keyed: TestClient, path: str) -> None:
     assert keyed.get(path).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "valid"),
+    [
+        ([(b"x-api-key", "clé-über".encode())], True),  # the key's UTF-8 bytes, as a client sends it
+        ([(b"authorization", b"Bearer " + "clé-über".encode())], True),
+        ([(b"x-api-key", "clé-über".encode("latin-1"))], False),  # other bytes: another key
+    ],
+)
+def test_a_key_beyond_ascii_matches_its_utf8_bytes(headers: list[tuple[bytes, bytes]], valid: bool) -> None:
+    """On the raw header bytes, which TestClient would transcode (its client reads them back as text first)."""
+    scope = {"type": "http", "headers": headers, "state": {"settings": Settings(api_keys=["clé-über"])}}
+    check = require_api_key(Request(scope))
+    if valid:
+        asyncio.run(check)
+    else:
+        with pytest.raises(UnauthorizedError, match="not valid"):
+            asyncio.run(check)
 
 
 def test_api_keys_and_origins_come_from_comma_separated_variables(monkeypatch: pytest.MonkeyPatch) -> None:
