@@ -143,6 +143,9 @@ class HttpToolsNoDelayProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head, behind an answer that is
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_too_slow)  # still going out
+            return
         if not self.transport.is_closing():
             detail = f"the request line and headers did not arrive within {self.head_timeout_s:g} s"
             self.logger.warning("Request refused: %s.", detail)

@@ -236,6 +236,18 @@ def test_a_head_that_trickles_in_is_cut_off_at_the_time_limit_with_a_408() -> No
     assert sent < 30  # cut off, not let run
 
 
+async def answers_in_2_s(scope: Scope, receive: Receive, send: Send) -> None:
+    await asyncio.sleep(2)
+    await app(scope, receive, send)
+
+
+def test_a_slow_pipelined_head_is_refused_after_the_answer_before_it_not_in_its_midst() -> None:
+    with serving(QuickHead, answers_in_2_s) as port:
+        responses = exchange(port, head(10) + b"GET /next HTTP/1.1\r\nHost: t\r\n", answers=2)
+    assert [status for status, _, _ in responses] == [200, 408]
+    assert responses[0][2] == b"ok 0"
+
+
 async def answers_at_once(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers before reading the body, as a 413 or 415 on a request's head does."""
     await send({"type": "http.response.start", "status": 415, "headers": [(b"content-length", b"0")]})
