@@ -450,7 +450,7 @@ def cnn_featuremaps(
             h = layer(h)
             outputs.append(h[0])
     [probs] = classifier.probabilities_of(digit.pixels[None, None], device)  # /v1/predict's answer, to the bit
-    results = []
+    plans = []
     conv_count = 0
     names: list[str] = []
     for i, (layer, out) in enumerate(zip(layers, outputs, strict=True)):
@@ -459,13 +459,14 @@ def cnn_featuremaps(
             conv_count += 1
             names = [f"conv{conv_count}[{c}]" for c in range(out.shape[0])]
         shape = (int(out.shape[0]), int(out.shape[1]), int(out.shape[2]))
-        results.append(StageResult.of(StagePlan(i, op, shape, tuple(names)), out))
+        plans.append(StagePlan(i, op, shape, tuple(names)))
     first = layers[0]
     assert isinstance(first, nn.Conv2d)
     kernels = first.weight.detach().cpu().numpy()  # (16, 1, 5, 5): one input channel, so 2-D kernels
     filters = tuple(Filter(f"conv1[{c}]", kernels[c, 0]) for c in range(kernels.shape[0]))
-    wanted = range(len(results)) if stages is None else stages
-    result = PipelineResult(device, (1, MNIST_SIZE, MNIST_SIZE), tuple(results[i] for i in wanted), {0: filters})
+    wanted = range(len(plans)) if stages is None else stages
+    kept = tuple(StageResult.of(plans[i], outputs[i]) for i in wanted)  # extremes only of the stages asked for
+    result = PipelineResult(device, (1, MNIST_SIZE, MNIST_SIZE), kept, {0: filters})
     return result, Prediction(probs, digit)
 
 

@@ -200,11 +200,10 @@ def to_levels(
     if scale == "per_map":
         flat = maps.reshape(c, -1)
         lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-    elif scale == "per_stage" and extremes is not None:
-        lo = torch.full((c,), extremes[0], dtype=maps.dtype, device=maps.device)
-        hi = torch.full((c,), extremes[1], dtype=maps.dtype, device=maps.device)
     elif scale == "per_stage":
-        lo, hi = maps.min().expand(c), maps.max().expand(c)
+        low, high = extremes if extremes is not None else torch.stack(torch.aminmax(maps)).tolist()
+        lo = torch.full((c,), low, dtype=maps.dtype, device=maps.device)
+        hi = torch.full((c,), high, dtype=maps.dtype, device=maps.device)
     else:
         lo = torch.zeros(c, dtype=maps.dtype, device=maps.device)
         hi = torch.full((c,), value_range, dtype=maps.dtype, device=maps.device)

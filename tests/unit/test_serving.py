@@ -232,6 +232,7 @@ def test_a_head_that_trickles_in_is_cut_off_at_the_time_limit_with_a_408() -> No
                 answer += chunk
     head, body = answer.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in head
+    assert b"content-type: application/problem+json" in head and json.loads(body)["status"] == 408
     assert json.loads(body)["detail"] == "the request line and headers did not arrive within 1 s"
     assert sent < 30  # cut off, not let run
 
